@@ -1,0 +1,1 @@
+"""Training stack: data, trainers, distributed setup, evaluation (shared/DESIGN.md)."""

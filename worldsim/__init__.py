@@ -1,0 +1,1 @@
+"""Session engine: sessions and turns, modes, scheduler, jobs, persistence (shared/DESIGN.md)."""
