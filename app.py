@@ -46,6 +46,16 @@ def prompt_ids(tokenizer, task: str, question: str) -> tuple[list[int], list[int
             [v.bos, *tokenizer.encode(uncond, allow_special=False), v.answer_start])
 
 
+def parse_size(text: str) -> tuple[int, int] | None:
+    """'HxW' in tokens -> (h, w); 'auto' -> None (the model samples the size)."""
+    if text == "auto":
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--image-size: expected HxW in tokens (e.g. 8x8) or 'auto', got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.environ.get("WORLDSIM_CHECKPOINT"),
@@ -67,9 +77,7 @@ def main(argv=None) -> int:
 
     try:
         params = task_defaults(args.task).replace(max_new_tokens=args.max_new_tokens)
-        size = None if args.image_size == "auto" else tuple(int(s) for s in args.image_size.lower().split("x"))
-        if size is not None and len(size) != 2:
-            raise ValueError(f"--image-size: expected HxW or 'auto', got {args.image_size!r}")
+        size = parse_size(args.image_size)
     except ValueError as e:
         parser.error(str(e))
     model, vq = build(args.checkpoint, args.device)
