@@ -17,7 +17,7 @@ import os
 import torch
 
 from model.config import ModelConfig, from_official_config, to_official_config
-from model.text_tokenizer import BPE_FILE, TIKTOKEN_FILE, BPETokenizer, TiktokenTokenizer
+from model.text_tokenizer import BPE_FILE, TIKTOKEN_FILE, VISION_TOKENS_FILE, BPETokenizer, TiktokenTokenizer
 from model.transformer import Transformer
 from model.vocab import Vocab
 
@@ -136,8 +136,15 @@ def save_pretrained(model: Transformer, path: str, *, layout: str = "worldsim", 
 
     if layout not in ("worldsim", "official"):
         raise ValueError(f"layout: unknown {layout!r}; allowed: ['worldsim', 'official']")
-    os.makedirs(path, exist_ok=True)
     tokenizer = tokenizer or model.tokenizer
+    if layout == "official" and isinstance(tokenizer, BPETokenizer):
+        if len(tokenizer.ranks()) != model.config.num_text_tokens:
+            raise ValueError(f"num_text_tokens: the official layout derives it from {TIKTOKEN_FILE}, but the BPE "
+                             f"has {len(tokenizer.ranks())} tokens and the model reserves "
+                             f"{model.config.num_text_tokens}; train the BPE to the full size")
+        tokenizer = TiktokenTokenizer(tokenizer.ranks(), tokenizer.vocab)
+    os.makedirs(path, exist_ok=True)
+    _remove_previous_save(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     if layout == "official":
@@ -168,8 +175,16 @@ def save_pretrained(model: Transformer, path: str, *, layout: str = "worldsim", 
         with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-    if tokenizer is None:
-        return
-    if layout == "official" and isinstance(tokenizer, BPETokenizer):
-        tokenizer = TiktokenTokenizer(tokenizer.ranks(), tokenizer.vocab)
-    tokenizer.save(path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+def _remove_previous_save(path: str) -> None:
+    """Delete the files an earlier save may have left (weights, index, tokenizer), so a new save never
+    mixes with them: the loader prefers an index over a single file and tiktoken files over a BPE."""
+    import re
+
+    ours = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+    for name in os.listdir(path):
+        if name in (SINGLE_FILE, INDEX_FILE, BPE_FILE, TIKTOKEN_FILE, VISION_TOKENS_FILE) or ours.fullmatch(name):
+            os.remove(os.path.join(path, name))
