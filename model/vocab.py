@@ -192,4 +192,6 @@ class Vocab:
         if not all(parts) or any(t not in digit for p in parts for t in p):
             raise ValueError(f"ids: malformed image header {ids}; expected digits '*' digits")
         h, w = (int("".join(str(digit[t]) for t in p)) for p in parts)
+        if h == 0 or w == 0:
+            raise ValueError(f"ids: image header {h}*{w} has a zero side; h and w must be positive")
         return h, w
