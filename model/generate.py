@@ -1,21 +1,28 @@
-"""Streaming generation: text token by token, images through the decoding FSM (SPEC §3).
+"""Streaming generation: text token by token, images through an image sampler (SPEC §3).
 
 `generate(...)` is a Python generator of events: `TextDelta` as text is produced, `ImageStarted` /
 `ImageProgress` / `ImageDone` for each image, and one final `Finished`. With guidance, the conditional
-and the unconditional prompt run as two rows of one batch (left-padded) sharing one forward per token;
-guidance touches visual codes only. Every generated token, forced ones included, is fed to both rows.
+and the unconditional prompt run as two rows of one batch sharing one forward per step; guidance
+touches visual codes only. Every generated token, forced ones included, is fed to both rows.
 
-The image phase is autoregressive here; the DiDA sampler (SPEC §5) plugs in at the same point later.
+The image phase goes through an `ImageSampler`: once the FSM has read an image's size header, the
+sampler fills the h x w grid and leaves the cache holding the whole span (codes, EOLs, EOI).
+`ARImageSampler` is the release's token-by-token decoder; DiDA (SPEC §5) is another implementation.
+
+`PrefixCache` keeps a KV cache together with the ids in its slots, so a session's next turn reuses the
+cached prefix: only the tokens after the longest shared prefix are computed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from model.sampling import DecodeFSM, SamplingParams, guide, sample
+
+PAD_SLOT = -1  # a cache slot holding padding, in PrefixCache.slots
 
 
 @dataclass
@@ -44,18 +51,11 @@ class ImageDone:
 @dataclass
 class Finished:
     token_ids: list[int] = field(default_factory=list)  # every generated id, structural ones included
-    reason: str = "eos"  # "eos" | "max_new_tokens" | "context"
+    reason: str = "eos"  # "eos" (a stop id) | "max_new_tokens" | "context" | "cancelled"
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids -> (B, T) ids and (B, T) bool validity, padded on the left."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        valid[i, T - len(r):] = True
-    return ids, valid
+class Cancelled(Exception):
+    """Raised inside a sampler when the caller asked generation to stop."""
 
 
 def compile_decode(model) -> Callable:
@@ -64,11 +64,145 @@ def compile_decode(model) -> Callable:
     return torch.compile(lambda ids, cache: model(ids, cache=cache), dynamic=True)
 
 
+class PrefixCache:
+    """A KVCache plus, per row, the id in each slot (PAD_SLOT for padding)."""
+
+    def __init__(self, model, num_rows: int, max_length: int | None = None):
+        self.cache = model.new_cache(num_rows, max_length)
+        self.slots: list[list[int]] = [[] for _ in range(num_rows)]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.slots)
+
+    def _reusable(self, rows: list[list[int]]) -> int:
+        """Longest cache length L whose real ids, per row, are a prefix of that row, leaving every row
+        at least one id to feed (the next logits must come from a forward)."""
+        best = len(self.slots[0])
+        for slots, row in zip(self.slots, rows):
+            real = 0
+            for i, t in enumerate(slots):
+                if t == PAD_SLOT:
+                    continue
+                if real >= len(row) - 1 or row[real] != t:
+                    best = min(best, i)
+                    break
+                real += 1
+        return best
+
+    @torch.no_grad()
+    def prefill(self, model, rows: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to `rows` (one id list per row) and return (logits (B, V) after each row's
+        last id, number of cached slots reused). Rows of different lengths are padded on the left of
+        the new chunk; padding is masked and takes no rotary position."""
+        if len(rows) != self.num_rows or any(not r for r in rows):
+            raise ValueError(f"rows: need {self.num_rows} non-empty id lists, got {[len(r) for r in rows]}")
+        keep = self._reusable(rows)
+        new = []
+        for slots, row in zip(self.slots, rows):
+            real = sum(1 for t in slots[:keep] if t != PAD_SLOT)
+            new.append(row[real:])
+        T = max(len(n) for n in new)
+        if keep + T > self.cache.max_length:  # padding used up the room: start over
+            self.cache.crop(0)
+            self.slots = [[] for _ in rows]
+            keep, new, T = 0, [list(r) for r in rows], max(len(r) for r in rows)
+        self.cache.crop(keep)
+        for s in self.slots:
+            del s[keep:]
+        device = self.cache.k.device
+        ids = torch.full((self.num_rows, T), 0, dtype=torch.long, device=device)
+        valid = torch.zeros(self.num_rows, T, dtype=torch.bool, device=device)
+        for i, n in enumerate(new):
+            ids[i, T - len(n):] = torch.tensor(n, dtype=torch.long, device=device)
+            valid[i, T - len(n):] = True
+            self.slots[i] += [PAD_SLOT] * (T - len(n)) + n
+        padded = bool((~valid).any())
+        logits = model(ids, cache=self.cache, attention_mask=valid if padded else None, last_only=True)
+        return logits[:, -1].float(), keep
+
+    def feed(self, step, token: int) -> torch.Tensor:
+        """Append one id to every row; return the next logits (B, V)."""
+        ids = torch.full((self.num_rows, 1), token, dtype=torch.long, device=self.cache.k.device)
+        for s in self.slots:
+            s.append(token)
+        return step(ids, self.cache)[:, -1].float()
+
+    @property
+    def full(self) -> bool:
+        return self.cache.length >= self.cache.max_length
+
+
+class Run:
+    """The state one generation shares with its image sampler."""
+
+    def __init__(self, model, vocab, prefix: PrefixCache, logits, fsm: DecodeFSM, params: SamplingParams,
+                 guided: bool, generator, step, should_stop):
+        self.model, self.vocab, self.prefix, self.logits, self.fsm = model, vocab, prefix, logits, fsm
+        self.budget_end = prefix.cache.length + params.max_new_tokens
+        self.params, self.guided, self.generator, self.step = params, guided, generator, step
+        self.should_stop = should_stop or (lambda: False)
+        self.out: list[int] = []
+
+    def feed(self, token: int):
+        """Record `token`, advance the FSM and the cache. Returns the finished grid if it closed an image."""
+        grid = self.fsm.advance(token)
+        self.out.append(token)
+        if not self.prefix.full:
+            self.logits = self.prefix.feed(self.step, token)
+        return grid
+
+    def out_of_room(self) -> str | None:
+        """"context" when the cache is full, "max_new_tokens" when the budget is spent, else None."""
+        if self.prefix.cache.length >= self.budget_end:
+            return "max_new_tokens"
+        return "context" if self.prefix.full else None
+
+    def image_logits(self) -> torch.Tensor:
+        """(1, V) logits for the next visual code: guided (cond row vs uncond row) when enabled."""
+        row = guide(self.logits[0], self.logits[1], self.params.guidance_scale) if self.guided else self.logits[0]
+        return row[None]
+
+
+class ImageSampler(Protocol):
+    def sample(self, run: Run, height: int, width: int) -> Iterator[object]:
+        """Fill an h x w grid, feeding every id (codes, EOL between rows, EOI) through `run.feed`, and
+        yield ImageProgress events; return the code grid (list of h rows) as the generator's value, or
+        None when `run.out_of_room()` stops it first."""
+        ...
+
+
+class ARImageSampler:
+    """The release's image decoder: one visual code per forward, EOL after each row, EOI at the end."""
+
+    def sample(self, run: Run, height: int, width: int):
+        grid = None
+        while grid is None:
+            if run.out_of_room():
+                return None
+            if run.should_stop():
+                raise Cancelled()
+            forced = run.fsm.forced()
+            if forced is None:
+                p = run.params
+                logits = run.fsm.constrain(run.image_logits())
+                forced = int(sample(logits, p.image_temperature, p.image_top_k, p.image_top_p, run.generator)[0])
+            grid = run.feed(forced)
+            if forced == run.vocab.eol:
+                yield ImageProgress(len(run.fsm.codes) // width, height)
+        yield ImageProgress(height, height)
+        return grid
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator: torch.Generator | None = None,
              uncond_ids: list[int] | None = None, image_size: tuple[int, int] | None = None,
              tokenizer=None, vocab=None, decode_image: Callable | None = None,
-             decode_step: Callable | None = None, start_with_image: bool = False) -> Iterator[object]:
+             decode_step: Callable | None = None, start_with_image: bool = False,
+             stop_ids: tuple[int, ...] | None = None, min_images: int = 0, max_images: int | None = None,
+             max_text_tokens: int | None = None, prefix: PrefixCache | None = None,
+             image_sampler: ImageSampler | None = None, should_stop: Callable[[], bool] | None = None
+             ) -> Iterator[object]:
     """Yield events for one answer to `prompt_ids`.
 
     params: sampling settings (text and image filters, guidance_scale, max_new_tokens).
@@ -78,7 +212,11 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
     tokenizer: for TextDelta; without one, text deltas are not emitted (ids are in Finished).
     decode_image: codes (h, w) -> image, called on each finished image.
     decode_step: e.g. compile_decode(model), used for one-token steps.
-    start_with_image: the answer opens with an image (BOI forced first), as t2i and x2i answers do.
+    start_with_image, stop_ids (default: EOS), min_images, max_images, max_text_tokens: the turn's
+        shape, enforced by the FSM (see sampling.DecodeFSM).
+    prefix: a PrefixCache to reuse (and leave holding this answer); by default a fresh one.
+    image_sampler: fills image grids; default ARImageSampler.
+    should_stop: polled between tokens; when it returns True, generation ends with reason "cancelled".
     """
     vocab = vocab or model.vocab
     if vocab is None:
@@ -92,53 +230,47 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
     if longest >= context:
         raise ValueError(f"prompt_ids: the prompt has {longest} tokens but the context is {context} "
                          "(max_position_embeddings); shorten the history or the prompt")
-    device = model.lm_head.weight.device
-    ids, valid = left_pad(rows, vocab.pad)
-    cache = model.new_cache(len(rows), min(context, longest + params.max_new_tokens))
-    padded = bool((~valid).any())
-    logits = model(ids.to(device), cache=cache, attention_mask=valid.to(device) if padded else None,
-                   last_only=True)[:, -1].float()  # (B, V)
-    step = decode_step or (lambda x, c: model(x, cache=c))
-
+    if prefix is None or prefix.num_rows != len(rows):
+        prefix = PrefixCache(model, len(rows), min(context, longest + params.max_new_tokens))
+    logits, _ = prefix.prefill(model, rows)
+    stop_ids = tuple(stop_ids) if stop_ids is not None else (vocab.eos,)
     fsm = DecodeFSM(vocab, model.config.vocab_size, image_size=image_size, start_with_image=start_with_image,
-                    device=device)
+                    stop_ids=stop_ids, min_images=min_images, max_images=max_images,
+                    max_text_tokens=max_text_tokens, device=logits.device)
+    run = Run(model, vocab, prefix, logits, fsm, params, guided, generator,
+              decode_step or (lambda x, c: model(x, cache=c)), should_stop)
+    image_sampler = image_sampler or ARImageSampler()
     stream = tokenizer.stream_decoder() if tokenizer is not None else None
-    out: list[int] = []
-    reason = "max_new_tokens"
-    for _ in range(params.max_new_tokens):
-        token = fsm.forced()
-        if token is None:
-            row = guide(logits[0], logits[1], params.guidance_scale) if guided and fsm.in_grid else logits[0]
-            row = fsm.constrain(row)[None]
-            if fsm.in_grid:
-                token = sample(row, params.image_temperature, params.image_top_k, params.image_top_p, generator)
-            else:
-                token = sample(row, params.text_temperature, params.text_top_k, params.text_top_p, generator)
-            token = int(token[0])
-        was_text = not fsm.in_image
-        grid = fsm.advance(token)
-        out.append(token)
-        if stream is not None and was_text and token < vocab.num_text_tokens:
-            delta = stream.push(token)
-            if delta:
-                yield TextDelta(delta)
-        if fsm.in_grid and token == vocab.img:
-            yield ImageStarted(*fsm.size)
-        elif fsm.in_grid and token == vocab.eol:
-            yield ImageProgress(len(fsm.codes) // fsm.size[1], fsm.size[0])
-        if grid is not None:
-            codes = torch.tensor(grid, dtype=torch.long)
-            yield ImageProgress(len(grid), len(grid))
-            yield ImageDone(codes, decode_image(codes) if decode_image is not None else None)
-        if token == vocab.eos and not fsm.in_image:
-            reason = "eos"
-            break
-        if cache.length >= cache.max_length:
-            reason = "context" if cache.max_length == context else "max_new_tokens"
-            break
-        logits = step(torch.full((len(rows), 1), token, dtype=torch.long, device=device), cache)[:, -1].float()
+    reason = None
+    try:
+        while reason is None:
+            if run.should_stop():
+                raise Cancelled()
+            token = fsm.forced()
+            if token is None:
+                row = fsm.constrain(run.logits[0])[None]
+                token = int(sample(row, params.text_temperature, params.text_top_k, params.text_top_p, generator)[0])
+            was_text = not fsm.in_image
+            run.feed(token)
+            if stream is not None and was_text and token < vocab.num_text_tokens:
+                delta = stream.push(token)
+                if delta:
+                    yield TextDelta(delta)
+            if fsm.in_grid:  # the header is complete: the sampler fills the grid
+                h, w = fsm.size
+                yield ImageStarted(h, w)
+                grid = yield from image_sampler.sample(run, h, w)
+                if grid is not None:
+                    codes = torch.tensor(grid, dtype=torch.long)
+                    yield ImageDone(codes, decode_image(codes) if decode_image is not None else None)
+            elif was_text and token in stop_ids:
+                reason = "eos"
+                break
+            reason = run.out_of_room()
+    except Cancelled:
+        reason = "cancelled"
     if stream is not None:
         tail = stream.flush()
         if tail:
             yield TextDelta(tail)
-    yield Finished(out, reason)
+    yield Finished(run.out, reason)
