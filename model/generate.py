@@ -11,6 +11,8 @@ sampler fills the h x w grid and leaves the cache holding the whole span (codes,
 
 `PrefixCache` keeps a KV cache together with the ids in its slots, so a session's next turn reuses the
 cached prefix: only the tokens after the longest shared prefix are computed.
+
+Legend: B batch rows (1, or 2 with guidance: conditional, unconditional), V vocab size.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class Run:
         return grid
 
     def out_of_room(self) -> str | None:
-        """"context" when the cache is full, "max_new_tokens" when the budget is spent, else None."""
+        """"max_new_tokens" when the budget is spent, "context" when the cache is full, else None."""
         if self.prefix.cache.length >= self.budget_end:
             return "max_new_tokens"
         return "context" if self.prefix.full else None
@@ -178,7 +180,7 @@ class ARImageSampler:
     def sample(self, run: Run, height: int, width: int):
         grid = None
         while grid is None:
-            if run.out_of_room():
+            if run.prefix.full:  # an open image may run past max_new_tokens, never past the context
                 return None
             if run.should_stop():
                 raise Cancelled()
@@ -224,14 +226,29 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
     context = model.config.max_position_embeddings
     if not prompt_ids:
         raise ValueError("prompt_ids: must not be empty")
+    if uncond_ids is not None and not uncond_ids:
+        raise ValueError("uncond_ids: must not be empty (pass None for no guidance)")
     guided = uncond_ids is not None and params.guidance_scale != 1.0
     rows = [list(prompt_ids)] + ([list(uncond_ids)] if guided else [])
+    for name, row in zip(("prompt_ids", "uncond_ids"), rows):
+        bad = [t for t in row if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"{name}: id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+    device = model.lm_head.weight.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: it is on {generator.device} but the model is on {device}; "
+                         f"use torch.Generator(device={str(device)!r})")
     longest = max(len(r) for r in rows)
-    if longest >= context:
-        raise ValueError(f"prompt_ids: the prompt has {longest} tokens but the context is {context} "
-                         "(max_position_embeddings); shorten the history or the prompt")
+    # an image may finish past max_new_tokens: leave room for the largest one this call can open
+    h, w = image_size if image_size is not None else (99, 99)
+    span = h * w + h + 2 * len(str(max(h, w))) + 3
+    if longest >= context or (image_size is not None and (start_with_image or min_images)
+                               and longest + span > context):
+        raise ValueError(f"prompt_ids: the prompt has {longest} tokens; with the answer's image "
+                         f"({h}x{w} tokens) it does not fit the context of {context} (max_position_embeddings); "
+                         "shorten the history or the prompt, or ask for a smaller image")
     if prefix is None or prefix.num_rows != len(rows):
-        prefix = PrefixCache(model, len(rows), min(context, longest + params.max_new_tokens))
+        prefix = PrefixCache(model, len(rows), min(context, longest + params.max_new_tokens + span))
     logits, _ = prefix.prefill(model, rows)
     stop_ids = tuple(stop_ids) if stop_ids is not None else (vocab.eos,)
     fsm = DecodeFSM(vocab, model.config.vocab_size, image_size=image_size, start_with_image=start_with_image,
