@@ -72,6 +72,7 @@ class PrefixCache:
     def __init__(self, model, num_rows: int, max_length: int | None = None):
         self.cache = model.new_cache(num_rows, max_length)
         self.slots: list[list[int]] = [[] for _ in range(num_rows)]
+        self.reused = 0  # slots reused by the last prefill
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +122,7 @@ class PrefixCache:
             self.slots[i] += [PAD_SLOT] * (T - len(n)) + n
         padded = bool((~valid).any())
         logits = model(ids, cache=self.cache, attention_mask=valid if padded else None, last_only=True)
+        self.reused = keep
         return logits[:, -1].float(), keep
 
     def feed(self, step, token: int) -> torch.Tensor:

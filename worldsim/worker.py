@@ -1,0 +1,206 @@
+"""The model worker: takes jobs from the queue and runs them, one at a time.
+
+A job is one user action on one session ("turn": a prompt, instruction or continue; "auto": N
+continue turns; "reroll": the last turn again with a new seed). It runs under the session's lock,
+streams events while it generates, and commits each finished turn in one SQL transaction stamped with
+the job id. A retried job (its worker died) skips the turns it already committed, so nothing is
+committed twice. `python -m worldsim worker` runs this loop as its own process; the embedded default
+runs one in a thread of the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+
+from worldsim.modes import Layout, turn_shape
+
+log = logging.getLogger("worldsim.worker")
+
+
+def segments_from_ids(ids: list[int], vocab, tokenizer, image_hashes: list[str]) -> list[dict]:
+    """A generated answer -> [{"type": "text"|"cot"|"image", ...}]. Stop ids are not content."""
+    segments, run, in_cot, images = [], [], False, iter(image_hashes)
+
+    def flush():
+        text = tokenizer.decode(run).strip()
+        if text:
+            segments.append({"type": "cot" if in_cot else "text", "text": text})
+        run.clear()
+
+    i = 0
+    while i < len(ids):
+        t = ids[i]
+        if t == vocab.boi:
+            flush()
+            end = ids.index(vocab.eoi, i)
+            h, w = vocab.parse_header(ids[i + 1:ids.index(vocab.img, i)])
+            segments.append({"type": "image", "image": next(images), "height": h, "width": w})
+            i = end + 1
+            continue
+        if t in (vocab.cot_start, vocab.cot_end):
+            flush()
+            in_cot = t == vocab.cot_start
+        elif t not in (vocab.answer_end, vocab.eos):
+            run.append(t)
+        i += 1
+    flush()
+    return segments
+
+
+class Worker:
+    def __init__(self, store, hot, runtime, worker_id: str | None = None):
+        self.store, self.hot, self.runtime = store, hot, runtime
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident() % 100000}"
+        self._stop = threading.Event()
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run_forever(self, poll_s: float = 0.5) -> None:
+        log.info("worker %s started", self.id)
+        last_reap = 0.0
+        while not self._stop.is_set():
+            self.hot.heartbeat(self.id)
+            if time.time() - last_reap > 2.0:
+                last_reap = time.time()
+                for job_id in self.hot.reap():
+                    log.warning("re-queued job %s of a dead worker", job_id)
+            job_id = self.hot.dequeue(self.id, poll_s)
+            if job_id is not None:
+                self.execute(job_id)
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.run_forever, name=f"worker-{self.id}", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- one job -------------------------------------------------------------------------------
+    def execute(self, job_id: str) -> None:
+        job = self.store.claim_job(job_id, self.id)
+        if job is None:  # finished, cancelled or unknown: nothing to do
+            self.hot.ack(self.id, job_id)
+            return
+        emit = lambda e: self.hot.publish(job_id, e)  # noqa: E731
+        try:
+            if self.hot.is_cancelled(job_id):
+                raise _Cancelled()
+            emit({"type": "started", "worker": self.id, "attempt": job["attempts"]})
+            with self.hot.lock(job["session_id"]) as lock:
+                seqs = self._run(job, emit, lock)
+            self.store.update_job(job_id, status="done", result={"seqs": seqs}, error=None)
+            emit({"type": "done", "status": "done", "seqs": seqs})
+        except _Cancelled:
+            self.store.update_job(job_id, status="cancelled")
+            emit({"type": "done", "status": "cancelled"})
+        except (ValueError, LookupError) as e:
+            self.store.update_job(job_id, status="failed", error=str(e))
+            emit({"type": "error", "error": str(e)})
+            emit({"type": "done", "status": "failed"})
+        except Exception as e:  # a bug: keep the worker alive, record it on the job
+            log.error("job %s failed: %s", job_id, traceback.format_exc())
+            self.store.update_job(job_id, status="failed", error=f"internal error: {type(e).__name__}: {e}")
+            emit({"type": "error", "error": f"internal error: {type(e).__name__}"})
+            emit({"type": "done", "status": "failed"})
+        finally:
+            self.hot.ack(self.id, job_id)
+
+    def _run(self, job: dict, emit, lock) -> list[int]:
+        session = self.store.get_session(job["owner"], job["session_id"])
+        payload, action = job["payload"], job["action"]
+        mine = [t["seq"] for t in self.store.turns(session["session_id"]) if t["job_id"] == job["id"]]
+        if action == "turn":
+            plan = [(payload["kind"], payload["input"], False)]
+        elif action == "auto":
+            plan = [("continue", {}, False)] * payload["steps"]
+        elif action == "reroll":
+            plan = [(payload["kind"], payload["input"], True)]
+        else:
+            raise ValueError(f"action: unknown {action!r}")
+        seqs = list(mine)
+        for kind, turn_input, replace in plan[len(mine):]:
+            turn = self._one_turn(job, session, kind, turn_input, replace, emit, lock)
+            seqs.append(turn["seq"])
+            emit({"type": "turn", "turn": turn})
+        return seqs
+
+    def _one_turn(self, job, session, kind, turn_input, replace, emit, lock) -> dict:
+        from model.sampling import SamplingParams, task_defaults
+
+        sid, settings, mode = session["session_id"], session["settings"], session["mode"]
+        history = self.store.turns(sid)
+        if replace:
+            history = history[:-1]
+        seq = len(history)
+        if kind != "prompt" and not history:
+            raise ValueError("session: it has no turns yet; its first turn must be a prompt")
+        params = task_defaults(mode if mode != "vla" else "vla").replace(**settings.get("sampling", {}))
+        assert isinstance(params, SamplingParams)
+        size = tuple(settings["image_size"]) if settings.get("image_size") else \
+            self.runtime.default_image_size(params.image_area)
+        pending = {"kind": kind, "input": turn_input, "output": [], "meta": {}}
+        turns = [pending] if mode in ("t2i", "x2i") else history + [pending]
+        seqs = [seq] if mode in ("t2i", "x2i") else [t["seq"] for t in history] + [seq]
+        # the same seed on a retry (same turn), a new one per re-roll
+        rerolls = history_rerolls(self.store.turns(sid), seq) + 1 if replace else 0
+        seed = int(settings.get("seed", 0)) * 100003 + seq * 7 + rerolls * 7919
+        checked = [0.0]
+
+        def should_stop():
+            now = time.time()
+            if now - checked[0] < 0.2:
+                return False
+            checked[0] = now
+            lock.reacquire()
+            return self.hot.is_cancelled(job["id"])
+
+        result = self.runtime.run_turn(
+            session_id=sid, mode=mode, turns=turns, seqs=seqs, shape=turn_shape(mode, kind, settings),
+            params=params, seed=seed, image_size=size, image_ids=lambda h: self._image_ids(h, size),
+            on_event=emit, should_stop=should_stop)
+        if result["reason"] == "cancelled":
+            raise _Cancelled()
+        hashes = []
+        from worldsim.media import png_bytes
+
+        for codes, image in result["images"]:
+            digest = self.store.put_image(png_bytes(image), image.width, image.height, codes=codes.tolist())
+            hashes.append(digest)
+            emit({"type": "image", "image": digest, "height": int(codes.shape[0]), "width": int(codes.shape[1])})
+        output = segments_from_ids(result["ids"], self.runtime.vocab, self.runtime.tokenizer, hashes)
+        answer_ids = [t for t in result["ids"] if t not in (self.runtime.vocab.answer_end, self.runtime.vocab.eos)]
+        meta = {**result["meta"], "answer_ids": answer_ids}
+        if replace:
+            meta["rerolled"] = rerolls
+        return self.store.commit_turn(sid, seq, kind, turn_input, output, meta, job_id=job["id"], replace=replace)
+
+    def _image_ids(self, digest: str, size: tuple[int, int]) -> list[int]:
+        """Serialized ids of a stored image: its own codes when the model made it, else the input
+        image encoded at `size` (cached in the image row)."""
+        from worldsim.media import load_upload
+
+        row = self.store.get_image(digest)
+        codes = row["codes"]
+        if isinstance(codes, dict):  # an uploaded image: codes per requested size
+            codes = codes.get(f"{size[0]}x{size[1]}")
+        if codes is None:
+            grid, _ = self.runtime.encode_image(load_upload(row["png"]), size)
+            self.store.set_image_codes(digest, f"{size[0]}x{size[1]}", grid)
+            codes = grid
+        return self.runtime.vocab.image_ids(codes)
+
+
+def history_rerolls(turns: list[dict], seq: int) -> int:
+    for t in turns:
+        if t["seq"] == seq:
+            return int(t["meta"].get("rerolled", 0))
+    return 0
+
+
+class _Cancelled(Exception):
+    pass
