@@ -65,7 +65,13 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:  # the model's ValueErrors name the field at fault: report them as usage errors
+        p.error(str(e))
 
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = Transformer(preset(args.preset)).to(args.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=args.device)

@@ -9,6 +9,8 @@ Masks are built once per forward, outside the layers, and passed down as one of:
 A structured mask is written once as a `mask_mod(b, h, q_idx, kv_idx) -> bool` function and turned
 into either a BlockMask or a dense tensor, so the two paths agree by construction of their inputs and
 the tests check that the kernels agree too.
+
+Legend: B batch, H query heads, K kv heads, T new tokens (queries), S keys (cached + new), D head_dim.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Official (BAAI/Emu3.5, Emu3.5-Image): `config.json` with model_type "Emu3", sharded
 `model-000NN-of-000MM.safetensors` with `model.safetensors.index.json`, and the tokenizer files
-`emu3.tiktoken` + `emu3_vision_tokens.txt`, from which the vocabulary layout is derived.
+`emu3.tiktoken` + `emu3_vision_tokens.txt`, from which the vocabulary layout is derived. A config.json
+without `head_dim` gets it from the stored `model.layers.0.self_attn.q_norm.weight` (its shape, read from
+the safetensors header), since hidden/heads is wrong for Emu3.5; hidden/heads is only the last resort.
 
 Ours: `config.json` = {"model_type": "worldsim", "format_version": 1, <ModelConfig fields>},
 `model.safetensors` (one file, or shards with an index as above) and `tokenizer.json` (our BPE) or the
@@ -26,6 +28,8 @@ OUR_MODEL_TYPE = "worldsim"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed here
+# a per-head RMSNorm weight, (head_dim,): gives head_dim when config.json omits it
+HEAD_DIM_KEY = "model.layers.0.self_attn.q_norm.weight"
 
 
 def _read_json(path: str) -> dict:
@@ -70,8 +74,35 @@ def read_config(path: str) -> tuple[ModelConfig, object]:
     else:
         raise ValueError(f"checkpoint: {path} has no {TIKTOKEN_FILE}; the official layout derives its "
                          f"vocabulary from {TIKTOKEN_FILE} and emu3_vision_tokens.txt")
-    config = from_official_config(raw, num_text_tokens=layout.num_text_tokens, codebook_size=layout.codebook_size)
+    head_dim = None
+    if raw.get("head_dim") is None:  # hidden/heads is wrong for Emu3.5 (SPEC §1): ask the weights
+        shape = _stored_shape(path, HEAD_DIM_KEY)
+        if shape is not None:
+            if len(shape) != 1:
+                raise ValueError(f"checkpoint: tensor {HEAD_DIM_KEY!r} has shape {shape}, expected (head_dim,)")
+            head_dim = shape[0]
+    config = from_official_config(raw, num_text_tokens=layout.num_text_tokens, codebook_size=layout.codebook_size,
+                                  checkpoint_head_dim=head_dim)
     return config, tokenizer
+
+
+def _stored_shape(path: str, key: str) -> tuple[int, ...] | None:
+    """Shape of tensor `key` from the safetensors header of the file holding it (found through the
+    index, else model.safetensors), without loading any tensor; None when it is not stored."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or key not in weight_map:
+            return None
+        file = os.path.join(path, weight_map[key])
+    else:
+        file = os.path.join(path, SINGLE_FILE)
+    if not os.path.isfile(file):
+        return None
+    with safe_open(file, framework="pt") as f:
+        return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
 
 
 def _weight_files(path: str) -> list[str]:

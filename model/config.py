@@ -104,14 +104,19 @@ _OFFICIAL_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 
 
-def from_official_config(cfg: dict, *, num_text_tokens: int, codebook_size: int) -> ModelConfig:
+def from_official_config(cfg: dict, *, num_text_tokens: int, codebook_size: int,
+                         checkpoint_head_dim: int | None = None) -> ModelConfig:
     """Map an official `config.json` to a ModelConfig. The vocabulary layout comes from the
     tokenizer files (see text_tokenizer.py), not from this dict.
 
-    `head_dim` defaults to hidden/heads as in transformers when absent; the checkpoint's q_proj
-    shape then decides (a mismatch is a ValueError at load). `rope_theta` is read from the top
-    level or from transformers-5 style `rope_parameters`; it has no default because the released
-    value is not verified here (SPEC §1)."""
+    `head_dim` is explicit in Emu3.5 (SPEC §1: the 34B model has 64 heads x 128 = 8192 != 5120
+    hidden), so when config.json lacks it (or has null) hidden/heads would be wrong. The caller then
+    passes `checkpoint_head_dim`, the length of the checkpoint's per-head
+    `model.layers.0.self_attn.q_norm.weight` (checkpoint.read_config reads it from the safetensors
+    header); only when that is None too does it fall back to hidden/heads as transformers does, and
+    a mismatch with the stored q_proj shape is then a ValueError at load. `rope_theta` is read from
+    the top level or from transformers-5 style `rope_parameters`; it has no default because the
+    released value is not verified here (SPEC §1)."""
     if cfg.get("model_type") != OFFICIAL_MODEL_TYPE:
         raise ValueError(f"config.json: model_type must be {OFFICIAL_MODEL_TYPE!r} for the official "
                          f"layout (or 'worldsim' for ours), got {cfg.get('model_type')!r}")
@@ -128,11 +133,16 @@ def from_official_config(cfg: dict, *, num_text_tokens: int, codebook_size: int)
         raise ValueError(f"config.json: rope scaling type {rope_type!r} is not supported; allowed: 'default'")
     if cfg.get("tie_word_embeddings", False):
         raise ValueError("config.json: tie_word_embeddings must be false (Emu3.5 has an untied lm_head)")
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        head_dim = checkpoint_head_dim
+    if head_dim is None:
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     return ModelConfig(
         hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
         num_kv_heads=cfg["num_key_value_heads"],
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        head_dim=head_dim,
         max_position_embeddings=cfg["max_position_embeddings"], num_text_tokens=num_text_tokens,
         codebook_size=codebook_size, vocab_size=cfg["vocab_size"], rope_theta=float(rope_theta),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), dropout=float(cfg.get("attention_dropout", 0.1)))

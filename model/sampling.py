@@ -6,11 +6,14 @@ BOI opens an image. The size header is then either forced to a requested h*w or 
 grammar (two-digit h and w, 10..99); later images of one answer reuse the first image's size by
 default. In the grid, EOL is forced after every w codes and EOI after h rows; only visual codes are
 allowed elsewhere.
+
+Legend: B batch rows, V vocabulary size (logits' last dim), h x w an image's size in tokens (rows x codes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -22,7 +25,9 @@ TASKS = ("t2i", "x2i", "howto", "story", "explore", "vla")
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings for one request. top_k 0 and top_p 1.0 switch those filters off;
-    temperature 0 means greedy."""
+    temperature 0 means greedy. top-k, max_new_tokens and image_area are integers (Python or numpy,
+    never bool); the others are real numbers (never bool). Anything else is a ValueError naming the
+    field."""
 
     guidance_scale: float = 3.0
     text_temperature: float = 1.0
@@ -35,6 +40,13 @@ class SamplingParams:
     image_area: int = 720 * 720  # target pixels per image (resize and default size)
 
     def __post_init__(self):
+        integral = ("text_top_k", "image_top_k", "max_new_tokens", "image_area")
+        for f in fields(self):
+            value, want_int = getattr(self, f.name), f.name in integral
+            # bool is an int subclass, but True as a top-k or temperature is a mistake, not a number
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if want_int else numbers.Real):
+                raise ValueError(f"{f.name}: must be {'an integer' if want_int else 'a number'}, "
+                                 f"got {type(value).__name__} {value!r}")
         checks = {
             "guidance_scale": self.guidance_scale >= 0,
             "text_temperature": self.text_temperature >= 0, "image_temperature": self.image_temperature >= 0,

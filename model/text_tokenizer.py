@@ -7,9 +7,13 @@ tokenizers behave the same way around them.
 - `TiktokenTokenizer.from_dir(path)` reads a checkpoint folder's `emu3.tiktoken` (base64 token +
   rank per line) and `emu3_vision_tokens.txt` (one special token string per line, in id order, following
   <|endoftext|>, <|im_start|>, <|im_end|> and the 205 extras). Every id is derived from those files and
-  checked against the layout of SPEC §2.
+  checked against the layout of SPEC §2. The rank file is read directly, not through
+  `tiktoken.load.load_tiktoken_bpe`: that caches by file path, so a file re-saved at the same path
+  would load its stale ranks.
 - `BPETokenizer` wraps a Hugging Face `tokenizers` byte-level BPE trained by `BPETokenizer.train`; its
   alphabet is ordered by code point, which puts '*' at 9 and '0'..'9' at 15..24, as in Qwen's ranks.
+  A BPE may hold fewer tokens than `num_text_tokens` (a small corpus stops merging early); the ids
+  above it are still text ids to the model, so they decode to no bytes rather than crash a stream.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import codecs
 import os
 
-from model.vocab import NUM_EXTRA, SPECIAL_NAMES, SPECIAL_PATTERN, VISUAL_NAME, Vocab
+from model.vocab import SPECIAL_NAMES, SPECIAL_PATTERN, VISUAL_NAME, Vocab
 
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -38,6 +42,32 @@ def byte_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + shift)
             shift += 1
     return table
+
+
+def read_ranks(path: str) -> dict[bytes, int]:
+    """An `emu3.tiktoken` file -> {token bytes: rank}. Each non-empty line is a base64 token, a space
+    and an integer rank; a malformed line or a token listed twice is a ValueError naming the line."""
+    import base64
+    import binascii
+
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            except (ValueError, binascii.Error):
+                raise ValueError(f"tokenizer: {path} line {line_no} is malformed ({line.strip()[:60]!r}); "
+                                 "expected a base64 token, a space and an integer rank") from None
+            if token in ranks:
+                raise ValueError(f"tokenizer: {path} line {line_no} lists token {token!r} again "
+                                 f"(it already has rank {ranks[token]})")
+            ranks[token] = rank
+    return ranks
 
 
 class TextTokenizer:
@@ -113,14 +143,12 @@ class TiktokenTokenizer(TextTokenizer):
 
     @classmethod
     def from_dir(cls, path: str) -> "TiktokenTokenizer":
-        from tiktoken.load import load_tiktoken_bpe
-
         rank_file, vision_file = os.path.join(path, TIKTOKEN_FILE), os.path.join(path, VISION_TOKENS_FILE)
         for f in (rank_file, vision_file):
             if not os.path.isfile(f):
                 raise ValueError(f"tokenizer: {f} not found; the official layout needs "
                                  f"{TIKTOKEN_FILE} and {VISION_TOKENS_FILE}")
-        ranks = load_tiktoken_bpe(rank_file)
+        ranks = read_ranks(rank_file)
         num_text = len(ranks)
         if sorted(ranks.values()) != list(range(num_text)):
             raise ValueError(f"tokenizer: {rank_file} ranks must be exactly 0..{num_text - 1}")
@@ -133,9 +161,9 @@ class TiktokenTokenizer(TextTokenizer):
     def _layout_from_files(num_text: int, listed: list[str], ranks: dict[bytes, int], vision_file: str) -> Vocab:
         """Assign ids as the release does (ranks, then the Qwen specials and extras, then the listed
         tokens in order) and check they follow SPEC §2's structure."""
-        names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(NUM_EXTRA)), *listed]
-        ids = {name: num_text + i for i, name in enumerate(names)}
+        # the release lists IMG, BOI, EOI itself; the Qwen specials and extras before them are implied
         head = SPECIAL_NAMES[-3:]
+        ids = {name: num_text + i for i, name in enumerate([*SPECIAL_NAMES[:-3], *listed])}
         if listed[:3] != list(head):
             raise ValueError(f"tokenizer: {vision_file} must start with {list(head)}, got {listed[:3]}")
         codes = listed[3:]
@@ -232,7 +260,11 @@ class BPETokenizer(TextTokenizer):
         return {b: i for i, b in enumerate(self._bytes)}
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        """The bytes of a text id; ids past the trained BPE (up to num_text_tokens) have none."""
+        if not 0 <= token_id < self.vocab.num_text_tokens:
+            raise ValueError(f"token_id: {token_id} is not a text id (text ids are [0, "
+                             f"{self.vocab.num_text_tokens}))")
+        return self._bytes[token_id] if token_id < len(self._bytes) else b""
 
 
 def builtin_corpus() -> list[str]:

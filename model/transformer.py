@@ -126,9 +126,12 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
 
     def new_cache(self, batch_size: int = 1, max_length: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty cache for `batch_size` rows; None (not 0, which KVCache refuses) means the full
+        context, the model's device and its dtype."""
         w = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_length or self.config.max_position_embeddings,
-                       device=device or w.device, dtype=dtype or w.dtype)
+        return KVCache(self.config, batch_size,
+                       self.config.max_position_embeddings if max_length is None else max_length,
+                       device=w.device if device is None else device, dtype=w.dtype if dtype is None else dtype)
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mask=None, attention_mask: torch.Tensor | None = None,

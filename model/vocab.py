@@ -16,7 +16,9 @@ Digit and '*' ids are text ids, so they come from the text tokenizer (official: 
 
 from __future__ import annotations
 
+import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from model.config import NUM_SPECIAL_TOKENS
@@ -131,15 +133,35 @@ class Vocab:
         return [self.digit_ids[int(d)] for d in str(n)]
 
     def header_ids(self, h: int, w: int) -> list[int]:
-        """BOI, digits(h), '*', digits(w), IMG."""
+        """BOI, digits(h), '*', digits(w), IMG. h and w: any integral (int, numpy or 0-d torch
+        integer) but bool."""
+        sizes = []
         for name, v in (("h", h), ("w", w)):
-            if not isinstance(v, int) or v <= 0:
+            try:
+                n = None if isinstance(v, bool) else operator.index(v)
+            except TypeError:
+                n = None
+            if n is None or n <= 0:
                 raise ValueError(f"{name}: image size in tokens must be a positive integer, got {v!r}")
+            sizes.append(n)
+        h, w = sizes
         return [self.boi, *self.number_ids(h), self.star_id, *self.number_ids(w), self.img]
 
     def image_ids(self, codes) -> list[int]:
         """Serialize a code grid (h rows of w codes: nested lists or a 2-D tensor/array)."""
-        rows = [list(map(int, row)) for row in (codes.tolist() if hasattr(codes, "tolist") else codes)]
+        grid = codes.tolist() if hasattr(codes, "tolist") else codes
+        if not isinstance(grid, Iterable) or isinstance(grid, (str, bytes)):
+            raise ValueError(f"codes: need a 2-D grid (rows of codes), got {type(codes).__name__} {grid!r}")
+        rows = []
+        for r, row in enumerate(grid):
+            row = row.tolist() if hasattr(row, "tolist") else row
+            if not isinstance(row, Iterable) or isinstance(row, (str, bytes)):
+                raise ValueError(f"codes: need a 2-D grid (rows of codes), but row {r} is the single value "
+                                 f"{row!r}; a flat sequence of codes has no rows")
+            try:
+                rows.append(list(map(int, row)))
+            except TypeError:
+                raise ValueError(f"codes: need a 2-D grid of integer codes; row {r} holds {row!r:.80}") from None
         if not rows or not rows[0]:
             raise ValueError("codes: the grid must have at least one row and one column")
         w = len(rows[0])

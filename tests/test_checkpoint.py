@@ -293,11 +293,45 @@ def test_official_wrong_model_type(official_dir, tmp_path):
         load_pretrained(str(path))
 
 
-def test_official_missing_head_dim_is_a_shape_error(official_dir, tmp_path):
-    """Without head_dim, hidden/heads = 12 is assumed; q_proj (64, 48) then does not fit."""
+@pytest.mark.parametrize("head_dim_entry", ["deleted", "null"])
+def test_official_missing_head_dim_is_read_from_q_norm(official_dir, tmp_path, head_dim_entry):
+    """Without head_dim in config.json, hidden/heads (48/4 = 12) would be wrong, as for the 34B model
+    (5120/64 = 80, not 128): the per-head q_norm weight's length (16) gives it, read from the shard header."""
+    path = copy_of(official_dir[0], tmp_path)
+    edit_config(path, lambda c: c.pop("head_dim") if head_dim_entry == "deleted" else c.update(head_dim=None))
+    cfg, sd = read_official(official_dir[0])
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] != cfg["head_dim"] == 16
+    model = load_pretrained(str(path))
+    assert model.config == mini_config()
+    ids = torch.tensor([[10, 20, 30, 40, 600, 700, 723, 978]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), official_dir[1](ids))
+        assert (model(ids) - reference_forward(cfg, sd, ids)).abs().max().item() < 2e-5
+
+
+def test_official_head_dim_from_q_norm_of_a_single_file(official_dir, tmp_path):
+    """The same inference when the weights are one model.safetensors without an index."""
     path = copy_of(official_dir[0], tmp_path)
     edit_config(path, lambda c: c.pop("head_dim"))
-    with pytest.raises(ValueError, match=r"self_attn\.[qkvo]_(proj|norm)\.weight"):
+    _, sd = read_official(path)
+    for f in os.listdir(path):
+        if f.startswith("model-") or f == "model.safetensors.index.json":
+            os.remove(path / f)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert load_pretrained(str(path)).config == mini_config()
+
+
+def test_official_missing_head_dim_and_q_norm_is_a_shape_error(official_dir, tmp_path):
+    """With neither head_dim nor layer 0's q_norm, hidden/heads = 12 is assumed; q_proj (64, 48) then
+    does not fit, and the error names the tensor."""
+    key = "model.layers.0.self_attn.q_norm.weight"
+    path = copy_of(official_dir[0], tmp_path)
+    edit_config(path, lambda c: c.pop("head_dim"))
+    rewrite_shard_of(path, key, lambda sd: sd.pop(key))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"self_attn\.[qkvo]_(proj|norm)\.weight.* expected \((12|48, 48)\b"):
         load_pretrained(str(path))
 
 

@@ -70,6 +70,26 @@ def test_invalid_sampling_params(field, value):
         task_defaults("story").replace(**{field: value})
 
 
+@pytest.mark.parametrize("field, value", [
+    ("text_top_k", 1024.5), ("image_top_k", 5120.0), ("text_top_k", True), ("image_top_k", False),
+    ("text_top_k", "200"), ("max_new_tokens", 10.5), ("max_new_tokens", True), ("image_area", 1e6),
+    ("text_temperature", "0.7"), ("image_temperature", None), ("text_top_p", "0.9"), ("image_top_p", [0.5]),
+    ("guidance_scale", "3"), ("guidance_scale", True), ("text_temperature", False),
+])
+def test_sampling_params_reject_wrong_types(field, value):
+    """Wrong types are ValueErrors naming the field, not a TypeError here or a failure later in torch."""
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_accept_numpy_numbers():
+    import numpy as np
+
+    p = SamplingParams(text_top_k=np.int64(200), image_top_k=np.int32(5120), text_top_p=np.float32(0.5),
+                       guidance_scale=np.float64(3.0), text_temperature=1, max_new_tokens=np.int64(64))
+    assert p.text_top_k == 200 and p.text_temperature == 1
+
+
 def test_valid_edge_sampling_params():
     SamplingParams(text_temperature=0, image_temperature=0, text_top_k=0, image_top_k=0, text_top_p=1.0,
                    image_top_p=1e-9, guidance_scale=0.0)

@@ -289,3 +289,83 @@ def bpe_corpus_lines():
     from model.text_tokenizer import builtin_corpus
 
     return builtin_corpus()[-1:] + builtin_corpus()[0].split(". ")
+
+
+# ---- rank file read fresh, malformed lines -------------------------------------------------------------------
+
+def test_resaved_rank_file_loads_the_new_ranks(tmp_path):
+    """Re-saving emu3.tiktoken at the same path must not load the old ranks (tiktoken's loader caches
+    by file path)."""
+    old = [bytes([b]) for b in gpt2_byte_order()] + MERGES
+    new = [bytes([b]) for b in gpt2_byte_order()] + [b"ca", b"me", b"ra", b"came", b"camera", b"xyz"]
+    write_vision_file(tmp_path, vision_names())
+    write_rank_file(tmp_path, old)
+    first = TiktokenTokenizer.from_dir(str(tmp_path))
+    assert first.vocab.num_text_tokens == 261 and first.encode("the") == [old.index(b"the")]
+    write_rank_file(tmp_path, new)
+    second = TiktokenTokenizer.from_dir(str(tmp_path))
+    assert second.vocab.num_text_tokens == 262
+    assert second.encode("camera") == [new.index(b"camera")] == [260]
+    assert second.encode("the") == [new.index(b"t"), new.index(b"h"), new.index(b"e")]
+    assert second.token_bytes(261) == b"xyz"
+
+
+@pytest.mark.parametrize("bad, line_no", [
+    ("dGg=\n", 3),             # no rank
+    ("dGg= 2 7\n", 3),         # three fields
+    ("dGg= two\n", 3),         # rank not an integer
+    ("d@g= 2\n", 3),           # not base64
+])
+def test_malformed_rank_line_names_file_and_line(tmp_path, bad, line_no):
+    tokens = [bytes([b]) for b in gpt2_byte_order()]
+    lines = [f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)]
+    lines[2] = bad
+    (tmp_path / "emu3.tiktoken").write_text("".join(lines))
+    write_vision_file(tmp_path, vision_names())
+    with pytest.raises(ValueError, match=rf"emu3\.tiktoken.*line {line_no}\b"):
+        TiktokenTokenizer.from_dir(str(tmp_path))
+
+
+def test_rank_file_blank_lines_are_skipped_and_duplicates_named(tmp_path):
+    tokens = [bytes([b]) for b in gpt2_byte_order()]
+    lines = [f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)]
+    (tmp_path / "emu3.tiktoken").write_text("\n" + "".join(lines[:100]) + "\n\n" + "".join(lines[100:]))
+    write_vision_file(tmp_path, vision_names())
+    assert TiktokenTokenizer.from_dir(str(tmp_path)).vocab.num_text_tokens == 256
+    # token of rank 5 listed again with rank 256 (line 257): the same bytes cannot have two ranks
+    (tmp_path / "emu3.tiktoken").write_text("".join(lines) + f"{base64.b64encode(tokens[5]).decode()} 256\n")
+    with pytest.raises(ValueError, match=r"emu3\.tiktoken.*line 257"):
+        TiktokenTokenizer.from_dir(str(tmp_path))
+
+
+# ---- a BPE smaller than num_text_tokens --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_bpe():
+    from model.text_tokenizer import BPETokenizer, builtin_corpus
+
+    tok = BPETokenizer.train(builtin_corpus(), 1024, 256)  # the corpus only supports ~522 tokens
+    n = len(tok.ranks())
+    assert n < 1024 and tok.vocab.num_text_tokens == 1024
+    return tok, n
+
+
+def test_short_bpe_unused_text_ids_decode_to_nothing(short_bpe):
+    """Ids in [n, num_text_tokens) are text ids the model may sample; they carry no bytes."""
+    tok, n = short_bpe
+    hello = tok.encode("hello")
+    assert tok.token_bytes(n) == b"" and tok.token_bytes(1023) == b""
+    assert tok.decode(hello + [n, 1023] + tok.encode(" world")) == "hello world"
+    assert tok.decode([n, tok.vocab.boi]) == "<|image start|>"
+    dec = tok.stream_decoder()
+    out = [dec.push(t) for t in hello[:1] + [n] + hello[1:] + [1023]]
+    assert out[1] == "" and "".join(out) + dec.flush() == "hello"
+    # ranks() keeps only the real tokens
+    assert len(tok.ranks()) == n and sorted(tok.ranks().values()) == list(range(n))
+
+
+@pytest.mark.parametrize("token_id", [-1, 1024, 1024 + 211])
+def test_token_bytes_of_a_non_text_id_is_refused(short_bpe, token_id):
+    tok, _ = short_bpe
+    with pytest.raises(ValueError, match="token_id"):
+        tok.token_bytes(token_id)

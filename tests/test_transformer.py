@@ -180,6 +180,14 @@ def test_cache_overflow_raises(debug_model):
         KVCache(debug_model.config, 1, debug_model.config.max_position_embeddings + 1)
 
 
+def test_new_cache_max_length_zero_is_refused_not_widened(debug_model):
+    """0 is a length, not "unset": it must reach KVCache's check instead of becoming the full context."""
+    with pytest.raises(ValueError, match="max_length"):
+        debug_model.new_cache(1, 0)
+    assert debug_model.new_cache(2).k.shape == (2, 2, 2, 2048, 32)  # None: the full context, (L, B, K, S, D)
+    assert debug_model.new_cache(1, 5).max_length == 5
+
+
 # ---------------------------------------------------------------------------------- attention masks
 
 # two packed documents (8 + 12 tokens); the second holds a bidirectional block at 12..15
@@ -359,6 +367,33 @@ def test_info_unknown_preset_fails():
     assert proc.returncode != 0
     for name in ("debug", "demo", "emu3.5-34b"):
         assert name in proc.stderr
+
+
+def test_bench_decode_unknown_preset_is_a_usage_error(capsys):
+    """bench/decode.py parses its arguments at the edge: a bad --preset is a usage error, no traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "emu3.5-7b", "--prompt", "4", "--new", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "preset" in err
+    for name in ("debug", "demo", "emu3.5-34b"):
+        assert name in err
+
+
+def test_model_file_legends():
+    """House style 3: model files that name shapes open with a legend of their letters."""
+    import model.attention
+    import model.sampling
+
+    for module, letters in ((model.attention, "BHKTSD"), (model.sampling, "BV")):
+        legend = [line for line in module.__doc__.splitlines() if line.startswith("Legend:")]
+        assert len(legend) == 1, module.__name__
+        assert all(re.search(rf"\b{c}\b", legend[0]) for c in letters), legend[0]
 
 
 # ---------------------------------------------------------------------------------- ValueErrors

@@ -246,3 +246,24 @@ def test_vocab_validates_digit_ids():
         Vocab(digit_ids=(1, 2, 3))
     with pytest.raises(ValueError, match="digit_ids/star_id"):
         Vocab(num_text_tokens=512, codebook_size=256, star_id=600)
+
+
+@pytest.mark.parametrize("h, w, name", [(True, 3, "h"), (3, False, "w"), (2.5, 3, "h"), ("2", 3, "h"),
+                                        (np.float32(2), 3, "h"), (3, np.int64(0), "w")])
+def test_header_size_must_be_a_positive_integral(official, h, w, name):
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        official.header_ids(h, w)
+
+
+def test_header_accepts_numpy_and_torch_integers(official):
+    # SPEC §2: 47*85 is '4' '7' '*' '8' '5'
+    expected = [BOI, 19, 22, STAR, 23, 20, IMG]
+    assert official.header_ids(np.int64(47), np.int32(85)) == expected
+    assert official.header_ids(torch.tensor(47), 85) == expected
+
+
+@pytest.mark.parametrize("codes", [torch.tensor([1, 2, 3]), np.array([4, 5]), [1, 2, 3], (7,),
+                                   torch.tensor(5), [[[1, 2]], [[3, 4]]]])
+def test_image_ids_needs_a_2d_grid(official, codes):
+    with pytest.raises(ValueError, match=r"^codes: "):
+        official.image_ids(codes)

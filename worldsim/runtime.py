@@ -8,6 +8,7 @@ random weights (a warning says so): the engine, stores and UI work, the pictures
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -56,19 +57,23 @@ class Runtime:
         return cls(model, vq, name=checkpoint, **kw)
 
     @classmethod
-    def debug(cls, device: str = "cpu", **kw) -> "Runtime":
+    def debug(cls, device: str = "cpu", preset_name: str = "debug", config=None, **kw) -> "Runtime":
+        """A preset (or `config`) with RANDOM weights, the built-in BPE and a random IBQ of the same
+        codebook size: for tests, benchmarks and the app before a checkpoint exists."""
         from model.config import preset
         from model.text_tokenizer import BPETokenizer, builtin_corpus
         from model.transformer import Transformer
         from model.vision_tokenizer import IBQ, ibq_preset
 
-        log.warning("no trained checkpoint: using the debug preset with RANDOM weights (images are noise)")
+        log.warning("no trained checkpoint: using the %s preset with RANDOM weights (images are noise)", preset_name)
         torch.manual_seed(0)
-        cfg = preset("debug")
+        cfg = config or preset(preset_name)
         tokenizer = BPETokenizer.train(builtin_corpus(), cfg.num_text_tokens, cfg.codebook_size)
         model = Transformer(cfg).to(device).eval()
         model.vocab, model.tokenizer = tokenizer.vocab, tokenizer
-        return cls(model, IBQ(ibq_preset("debug")).to(device).eval(), name="debug (random weights)", **kw)
+        vq_cfg = dataclasses.replace(ibq_preset("debug" if preset_name == "debug" else "demo"),
+                                     codebook_size=cfg.codebook_size)
+        return cls(model, IBQ(vq_cfg).to(device).eval(), name=f"{preset_name} (random weights)", **kw)
 
     # ---- images ------------------------------------------------------------------------------
     @property
@@ -121,15 +126,22 @@ class Runtime:
         h, w = size
         return shape.max_images * (h * w + h + 8) + (shape.max_images + 1) * shape.max_text_tokens + 4
 
-    def fit(self, cond: list[list[int]], uncond: list[list[int]] | None, reserve: int, seqs: list[int]):
-        """Drop the oldest turns (never turn 0: the prompt and first image) until the rows plus
-        `reserve` fit the context. Returns (cond ids, uncond ids or None, dropped seqs)."""
+    def fit(self, cond: list[list[int]], uncond: list[list[int]] | None, reserve: int, seqs: list[int],
+            already_dropped: list[int] = ()):
+        """Drop the oldest turns (never turn 0: the prompt and first image; never the pending last one)
+        until the rows plus `reserve` fit the context. Returns (cond ids, uncond ids or None, dropped seqs).
+
+        The window slides in jumps, so the cached prefix stays valid for several turns: it starts from
+        the turns the previous turn had dropped, and when more must go it frees a quarter of the context
+        beyond what is needed."""
         context = self.model.config.max_position_embeddings
-        keep = list(range(len(cond)))
-        total = lambda pieces: sum(len(pieces[i]) for i in keep)  # noqa: E731
-        while max(total(cond), total(uncond) if uncond else 0) + reserve > context and len(keep) > 2:
-            keep.pop(1)
-        if max(total(cond), total(uncond) if uncond else 0) + reserve > context:
+        keep = [i for i, s in enumerate(seqs) if i == 0 or i == len(seqs) - 1 or s not in set(already_dropped)]
+        size = lambda: max(sum(len(cond[i]) for i in keep),  # noqa: E731
+                           sum(len(uncond[i]) for i in keep) if uncond else 0)
+        if size() + reserve > context:
+            while size() + reserve + context // 4 > context and len(keep) > 2:
+                keep.pop(1)
+        if size() + reserve > context:
             raise ValueError(f"prompt: the prompt and the answer's room ({reserve} tokens) do not fit the context "
                              f"of {context} tokens; shorten the prompt or use smaller images")
         dropped = [seqs[i] for i in range(len(cond)) if i not in keep]
@@ -137,7 +149,8 @@ class Runtime:
         return flat(cond), (flat(uncond) if uncond else None), dropped
 
     def run_turn(self, *, session_id: str | None, mode: str, turns: list[dict], seqs: list[int], shape: TurnShape,
-                 params, seed: int, image_size: tuple[int, int], image_ids, on_event=None, should_stop=None) -> dict:
+                 params, seed: int, image_size: tuple[int, int], image_ids, on_event=None, should_stop=None,
+                 already_dropped: list[int] = ()) -> dict:
         """Generate the answer of the last (pending) turn in `turns`. Returns
         {"ids", "images": [(codes tensor, PIL)], "reason", "meta"}; on_event gets engine events."""
         from model.generate import Finished, ImageDone, ImageProgress, ImageStarted, TextDelta, generate
@@ -146,7 +159,7 @@ class Runtime:
         guided = params.guidance_scale != 1.0
         cond = layout.turn_pieces(mode, turns, conditional=True)
         uncond = layout.turn_pieces(mode, turns, conditional=False) if guided else None
-        cond_ids, uncond_ids, dropped = self.fit(cond, uncond, self.reserve(shape, image_size), seqs)
+        cond_ids, uncond_ids, dropped = self.fit(cond, uncond, self.reserve(shape, image_size), seqs, already_dropped)
         emit = on_event or (lambda e: None)
         v = self.vocab
         with self.lock:
