@@ -125,6 +125,14 @@ class PrefixCache:
         self.reused = keep
         return logits[:, -1].float(), keep
 
+    def feed_many(self, model, tokens: list[int]) -> torch.Tensor:
+        """Append the same ids to every row in one forward; return the logits (B, V) after the last."""
+        device = self.cache.k.device
+        ids = torch.tensor([tokens] * self.num_rows, dtype=torch.long, device=device)
+        for s in self.slots:
+            s.extend(tokens)
+        return model(ids, cache=self.cache, last_only=True)[:, -1].float()
+
     def feed(self, step, token: int) -> torch.Tensor:
         """Append one id to every row; return the next logits (B, V)."""
         ids = torch.full((self.num_rows, 1), token, dtype=torch.long, device=self.cache.k.device)
@@ -154,6 +162,18 @@ class Run:
         self.out.append(token)
         if not self.prefix.full:
             self.logits = self.prefix.feed(self.step, token)
+        return grid
+
+    def feed_many(self, tokens: list[int]):
+        """Record several ids, advance the FSM over them, and run them through the cache in one causal
+        chunk (a parallel sampler's finished image). Returns the grid if they closed an image."""
+        if self.prefix.cache.length + len(tokens) > self.prefix.cache.max_length:
+            raise ValueError("context: the image does not fit in the remaining context")
+        grid = None
+        for t in tokens:
+            grid = self.fsm.advance(t) or grid
+        self.out += tokens
+        self.logits = self.prefix.feed_many(self.model, tokens)
         return grid
 
     def out_of_room(self) -> str | None:

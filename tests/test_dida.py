@@ -1,0 +1,128 @@
+"""DiDA parallel decoding (model/dida.py): schedule, sampler oracles, structure, and the training mask."""
+
+import math
+
+import pytest
+import torch
+
+from model.attention import block_from_mask_mod, dense_from_mask_mod
+from model.dida import DiDASampler, code_positions, mask_schedule, training_mask_mod
+from model.generate import Finished, ImageDone, ImageProgress, generate
+from model.sampling import SamplingParams
+
+
+def test_mask_schedule_is_cosine_and_fixes_at_least_one_per_step():
+    n, k = 64, 8
+    s = mask_schedule(k, n)
+    assert s[-1] == 0 and len(s) == k
+    for step in range(k - 1):  # the cosine rule where it already fixes >= 1 per step
+        assert s[step] <= math.floor(n * math.cos(math.pi / 2 * (step + 1) / k))
+    assert all(a > b for a, b in zip([n] + s, s))  # strictly decreasing: >= 1 fixed per step
+    assert mask_schedule(n, n) == list(range(n - 1, -1, -1))  # K = N: exactly one per step
+    assert mask_schedule(1, n) == [0]  # K = 1: everything at once
+
+
+def test_code_positions_skip_eol_slots():
+    # a 2x3 grid serialized as c c c EOL c c c: offsets 0 1 2 4 5 6
+    assert code_positions(2, 3).tolist() == [0, 1, 2, 4, 5, 6]
+
+
+def _run(model, bpe, sampler, size=(4, 5), guided=True, seed=0, **kw):
+    v = bpe.vocab
+    prompt = [v.bos, *bpe.encode("a red cube on a table"), v.answer_start]
+    events = list(generate(model, prompt, uncond_ids=[v.bos, v.answer_start] if guided else None,
+                           params=SamplingParams(max_new_tokens=200, **kw), image_size=size,
+                           start_with_image=True, stop_ids=(v.answer_end,), min_images=1, max_images=1,
+                           image_sampler=sampler, generator=torch.Generator().manual_seed(seed)))
+    return events
+
+
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_dida_image_span_is_well_formed_and_uses_k_forwards(debug_model, bpe, k):
+    v = bpe.vocab
+    sampler = DiDASampler(k)
+    events = _run(debug_model, bpe, sampler)
+    done = [e for e in events if isinstance(e, ImageDone)]
+    fin = events[-1]
+    assert isinstance(fin, Finished) and len(done) == 1 and done[0].codes.shape == (4, 5)
+    assert fin.token_ids[-1] == v.answer_end  # text carries on after the image: the FSM forced the stop
+    assert fin.token_ids[:-1] == v.image_ids(done[0].codes)  # header, codes, EOLs, EOI all placed
+    assert sampler.forwards == min(k, 20)  # K steps, or one per code when K exceeds the code count
+    progress = [e for e in events if isinstance(e, ImageProgress)]
+    assert progress[-1] == ImageProgress(4, 4)
+
+
+def test_dida_k_equals_n_fixes_one_code_per_step(debug_model, bpe, monkeypatch):
+    """With K = N each step fixes exactly one code (the masked count falls by one per forward)."""
+    import model.dida as dida
+
+    seen = []
+    real = dida._sample_codes
+
+    def spy(scores, params, generator):
+        seen.append(scores.shape[0])
+        return real(scores, params, generator)
+
+    monkeypatch.setattr(dida, "_sample_codes", spy)
+    sampler = DiDASampler(6)
+    _run(debug_model, bpe, sampler, size=(2, 3))
+    assert sampler.forwards == 6 and seen == [6] * 6
+
+
+def test_dida_k1_samples_each_position_independently(debug_model, bpe):
+    """With K = 1 every code comes from one forward over the all-masked block: with greedy image
+    sampling and no guidance, each code is the argmax of that forward's logits at its position."""
+    from model.dida import mask_id
+
+    v = bpe.vocab
+    events = _run(debug_model, bpe, DiDASampler(1, noise_temperature=0.0), size=(3, 3), guided=False,
+                  image_temperature=0.0)
+    codes = [e for e in events if isinstance(e, ImageDone)][0].codes
+    prompt = [v.bos, *bpe.encode("a red cube on a table"), v.answer_start, *v.header_ids(3, 3)]
+    with torch.no_grad():
+        cache = debug_model.new_cache(1, 64)
+        debug_model(torch.tensor([prompt]), cache=cache)
+        pos = cache.next_position[:, None] + code_positions(3, 3)[None]
+        block = torch.full((1, 9), mask_id(v))
+        from model.attention import FULL
+        logits = debug_model(block, cache=cache, positions=pos, mask=FULL)[0, :, v.visual_start:v.size]
+    assert codes.reshape(-1).tolist() == logits.argmax(-1).tolist()
+
+
+def test_dida_is_seeded(debug_model, bpe):
+    a = [e for e in _run(debug_model, bpe, DiDASampler(4), seed=3) if isinstance(e, ImageDone)][0].codes
+    b = [e for e in _run(debug_model, bpe, DiDASampler(4), seed=3) if isinstance(e, ImageDone)][0].codes
+    c = [e for e in _run(debug_model, bpe, DiDASampler(4), seed=4) if isinstance(e, ImageDone)][0].codes
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dida_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_steps"):
+        DiDASampler(0)
+    with pytest.raises(ValueError, match="noise_temperature"):
+        DiDASampler(4, noise_temperature=-1)
+
+
+def test_training_mask_flex_equals_dense_and_pattern():
+    # one document: 3 text tokens, a 4-code clean image (idx 3..6), 1 text token, then its noisy copy (8..11)
+    T = 12
+    doc = torch.zeros(1, T, dtype=torch.long)
+    noisy = torch.tensor([[0] * 8 + [1] * 4])
+    limit = torch.tensor([[i + 1 for i in range(8)] + [3] * 4])
+    mm = training_mask_mod(doc, noisy, limit)
+    dense = dense_from_mask_mod(mm, 1, T, T)[0, 0]
+    # clean tokens: causal over clean tokens only
+    assert dense[7, :8].all() and not dense[7, 8:].any() and not dense[2, 3]
+    # noisy tokens: the clean prefix before the image (0..2), and all noisy tokens of their image
+    assert dense[8, :3].all() and not dense[8, 3:8].any() and dense[8, 8:].all() and dense[11, 8:].all()
+    block = block_from_mask_mod(mm, 1, T, T)
+    assert torch.equal(dense_from_mask_mod(block.mask_mod, 1, T, T)[0, 0], dense)
+    from model.config import preset
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(preset("debug")).eval()
+    x = torch.randint(0, 900, (1, T))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, mask=block), m(x, mask=dense_from_mask_mod(mm, 1, T, T)),
+                                   atol=1e-5, rtol=1e-5)
