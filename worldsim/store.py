@@ -297,12 +297,16 @@ class Store:
         return dict(row)
 
     def image_owned_by(self, owner: str, digest: str) -> bool:
-        """True when one of `owner`'s sessions uses the image (media URLs are owner-checked)."""
-        for s in self.list_sessions(owner):
-            for t in self.turns(s["session_id"]):
-                if digest in t["input"].get("images", []) or any(seg.get("image") == digest for seg in t["output"]):
-                    return True
-        return False
+        """True when one of `owner`'s sessions uses the image (media URLs are owner-checked). The hash
+        is 64 hex digits, so a text match on the turn's JSON cannot hit anything but that image."""
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            return False
+        used = sa.or_(sa.cast(turns.c.input, sa.Text).contains(digest),
+                      sa.cast(turns.c.output, sa.Text).contains(digest))
+        q = (sa.select(turns.c.id).join(sessions, sessions.c.id == turns.c.session_id)
+             .where(sessions.c.owner == owner, used).limit(1))
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
 
     # ---- jobs --------------------------------------------------------------------------------
     def create_job(self, session_id: str, owner: str, action: str, payload: dict) -> dict:
