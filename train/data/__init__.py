@@ -1,0 +1,1 @@
+"""Training data: the shard format, packing, and converters from episodes and videos."""

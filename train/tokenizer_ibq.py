@@ -1,0 +1,282 @@
+"""Trainer of the IBQ vision tokenizer (SPEC §4, paper §5.2): reconstruction (L1), quantization (beta 0.25,
+from `IBQ.forward`), perceptual, PatchGAN adversarial and entropy losses; see train/ibq_losses.py for the
+offline perceptual loss and the other choices.
+
+    python -m train.tokenizer_ibq --recipe debug_cpu --images DIR [DIR ...] --out runs/ibq
+    python -m train.tokenizer_ibq --resume runs/ibq --steps 2000
+
+Images: files or folders (searched recursively for png/jpg/jpeg/webp/bmp). Each step draws `batch_size`
+images with a generator seeded by (seed, step), so a resumed run sees what the uninterrupted one would;
+each is upscaled if its short side is under `resolution`, randomly cropped to resolution x resolution and
+randomly flipped. A checkpoint's model files are a `save_ibq` folder (`load_ibq` reads it); the
+discriminator lives in trainer_state.pt.
+
+Optimizers: AdamW with SPEC §7's betas, eps and clipping; lr 1e-4 and no weight decay by default (a conv
+autoencoder with a GAN is not a transformer; the tokenizer's values are not given by the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import common
+from train import distributed as D
+from train.ibq_losses import PatchDiscriminator, entropy_loss, hinge_d_loss, hinge_g_loss, structure_loss
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class IBQTrainConfig:
+    out_dir: str = "runs/ibq"
+    images: tuple[str, ...] = ()
+    preset: str = "debug"  # model.vision_tokenizer.ibq_preset name; ignored with init_from
+    init_from: str | None = None  # a load_ibq folder
+    resolution: int = 64  # crop side in px, a multiple of the downsample factor
+    batch_size: int = 8  # all processes together
+    steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = common.BETAS
+    eps: float = common.EPS
+    grad_clip: float = common.GRAD_CLIP
+    rec_weight: float = 1.0
+    quant_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    entropy_weight: float = 0.05
+    entropy_temperature: float = 0.01
+    disc_weight: float = 0.1
+    disc_start: int = 500  # steps before the adversarial loss switches on
+    disc_channels: int = 64
+    disc_layers: int = 3
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"
+    resume: bool = True
+    repeat_first_batch: bool = False
+    progress: bool = True
+
+
+def debug_cpu() -> IBQTrainConfig:
+    return IBQTrainConfig(out_dir="runs/ibq-debug", preset="debug", resolution=64, batch_size=8, steps=300,
+                          lr=2e-4, warmup_steps=20, disc_start=100, disc_channels=32, save_every=100)
+
+
+def demo_cpu() -> IBQTrainConfig:
+    return IBQTrainConfig(out_dir="runs/ibq-demo", preset="demo", resolution=128, batch_size=8, steps=20000,
+                          lr=1e-4, warmup_steps=500, disc_start=5000, save_every=1000)
+
+
+RECIPES = {f.__name__: f for f in (debug_cpu, demo_cpu)}
+
+
+# ------------------------------------------------------------------------------------ data
+
+def image_files(paths) -> list[str]:
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in os.walk(p):
+                files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise ValueError(f"images: {p} not found")
+    if not files:
+        raise ValueError(f"images: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {list(paths)}")
+    return sorted(files)
+
+
+def load_crop(path: str, resolution: int, g: torch.Generator) -> torch.Tensor:
+    """One training crop (3, R, R) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    from model.vision_tokenizer import to_tensor
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"images: cannot read {path} ({e})") from None
+    w, h = im.size
+    if min(w, h) < resolution:
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+        w, h = im.size
+    x0 = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
+    y0 = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
+    x = to_tensor(im.crop((x0, y0, x0 + resolution, y0 + resolution)))
+    return x.flip(-1) if bool(torch.rand((), generator=g) < 0.5) else x
+
+
+def batch_for_step(files: list[str], step: int, cfg: IBQTrainConfig, info: D.DistInfo) -> torch.Tensor:
+    """This process's share of step `step`'s global batch, (b, 3, R, R)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    picks = torch.randint(0, len(files), (cfg.batch_size,), generator=g).tolist()
+    crops = [load_crop(files[i], cfg.resolution, g) for i in picks]  # every rank draws all: same stream
+    return torch.stack(crops[info.rank::info.world_size])
+
+
+# ------------------------------------------------------------------------------------ model
+
+class TrainForward(nn.Module):
+    """The generator side of one step as one module, so FSDP2 gathers the tokenizer's parameters once:
+    images (B, 3, H, W) -> reconstruction (B, 3, H, W), quantization loss, entropy loss. The entropy is
+    computed here so the (B, h, w, N) code logits never leave the module."""
+
+    def __init__(self, ibq, entropy_temperature: float):
+        super().__init__()
+        self.ibq = ibq
+        self.entropy_temperature = entropy_temperature
+
+    def forward(self, x: torch.Tensor):
+        z = self.ibq.quant_conv(self.ibq.encoder(x))  # (B, D, h, w)
+        z_q, _, qloss = self.ibq.quantize(z)
+        entropy = entropy_loss(self.ibq.quantize.logits(z), self.entropy_temperature)  # logits (B, h, w, N)
+        return self.ibq.decoder(self.ibq.post_quant_conv(z_q)), qloss, entropy
+
+
+def main(cfg: IBQTrainConfig) -> list[dict]:
+    from model.vision_tokenizer import IBQ, ibq_preset, load_ibq, save_ibq
+
+    device = common.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    info = D.init(device.type)
+    try:
+        files = image_files(cfg.images)
+        resume_dir = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+        if info.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        source = resume_dir or cfg.init_from
+        ibq = load_ibq(source) if source else IBQ(ibq_preset(cfg.preset))
+        f = ibq.config.downsample_factor
+        if cfg.resolution % f:
+            raise ValueError(f"resolution: must be a multiple of the tokenizer's downsample factor {f}, "
+                             f"got {cfg.resolution}")
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by the {info.world_size} processes")
+        disc = PatchDiscriminator(ibq.config.out_channels, cfg.disc_channels, cfg.disc_layers)
+        state = common.load_state(resume_dir) if resume_dir else None
+        if state:
+            disc.load_state_dict(state["discriminator"])
+        gen = TrainForward(ibq.to(device).train(), cfg.entropy_temperature)
+        disc.to(device).train()
+        D.shard(gen, [], info)
+        D.shard(disc, [], info)
+        amp = common.autocast_dtype(device, cfg.precision)
+        opt_g = common.make_optimizer(gen.named_parameters(), cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        opt_d = common.make_optimizer(disc.named_parameters(), cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        schedule = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+        common.check_schedule(**schedule)
+        log = common.RunLog(cfg.out_dir, info.is_main)
+        start = 0
+        if state:
+            D.load_optimizer_state(gen, opt_g, state["optimizer_g"])
+            D.load_optimizer_state(disc, opt_d, state["optimizer_d"])
+            start = state["step"]
+            log.truncate_after(start)
+            if info.is_main:
+                print(f"[train] resuming from {resume_dir} at step {start}")
+        else:
+            log.truncate_after(0)
+        if start >= cfg.steps:
+            return []
+        first = batch_for_step(files, 1, cfg, info) if cfg.repeat_first_batch else None
+
+        def step_fn(step: int) -> dict:
+            x = (first if first is not None else batch_for_step(files, step, cfg, info)).to(device)
+            adversarial = step > cfg.disc_start and cfg.disc_weight > 0
+            with common.autocast(device, amp):
+                recon, qloss, ent = gen(x)
+                rec = (recon.float() - x).abs().mean()
+                perc = structure_loss(recon, x)
+                g_adv = hinge_g_loss(disc(recon).float()) if adversarial else recon.new_zeros(()).float()
+            loss = (cfg.rec_weight * rec + cfg.quant_weight * qloss.float() + cfg.perceptual_weight * perc
+                    + cfg.entropy_weight * ent + cfg.disc_weight * g_adv)
+            # FSDP2 averages gradients over ranks and each rank's loss is its share's mean: the average
+            # is the global batch's mean.
+            loss.backward()
+            grad_norm = common.clip_grad_norm(gen.parameters(), cfg.grad_clip)
+            lr = common.cosine_lr(step - 1, **schedule)
+            common.set_lr(opt_g, lr)
+            common.set_lr(opt_d, lr)
+            opt_g.step()
+            opt_d.zero_grad(set_to_none=True)  # the generator's backward reached the discriminator too
+            with torch.set_grad_enabled(adversarial), common.autocast(device, amp):
+                d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+            if adversarial:
+                d_loss.backward()
+                common.clip_grad_norm(disc.parameters(), cfg.grad_clip)
+                opt_d.step()
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            parts = torch.stack([loss.detach(), rec.detach(), qloss.detach().float(), perc.detach(),
+                                 ent.detach(), g_adv.detach(), d_loss.detach()]).double()
+            D.all_reduce_sum(parts, info)
+            parts /= info.world_size
+            names = ("loss", "loss_rec", "loss_quant", "loss_perceptual", "loss_entropy", "loss_g_adv", "loss_disc")
+            out = {k: float(v) for k, v in zip(names, parts)}
+            if not adversarial:
+                out.pop("loss_g_adv")
+            return {**out, "lr": lr, "grad_norm": round(grad_norm, 4)}
+
+        def save_fn(step: int) -> None:
+            ibq_sd = D.model_state(gen)
+            disc_sd = D.model_state(disc)
+            og, od = D.optimizer_state(gen, opt_g), D.optimizer_state(disc, opt_d)
+            if info.is_main:
+                def write_model(path):
+                    with torch.device("meta"):
+                        m = IBQ(ibq.config)
+                    m.load_state_dict({k.removeprefix("ibq."): v for k, v in ibq_sd.items()}, assign=True)
+                    save_ibq(m, path)
+
+                st = {"step": step, "discriminator": disc_sd, "optimizer_g": og, "optimizer_d": od}
+                common.write_checkpoint(cfg.out_dir, step, cfg, st, write_model, keep=cfg.keep_checkpoints)
+                log.plot(f"IBQ tokenizer ({cfg.preset if not cfg.init_from else cfg.init_from})")
+            D.barrier(info)
+
+        return common.run_steps(start_step=start, total_steps=cfg.steps, step_fn=step_fn, log=log,
+                                save_fn=save_fn, save_every=cfg.save_every, log_every=cfg.log_every,
+                                is_main=info.is_main, progress=cfg.progress, desc="ibq")
+    finally:
+        D.close(info)
+
+
+def cli(argv) -> IBQTrainConfig:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="debug_cpu", choices=sorted(RECIPES))
+    p.add_argument("--resume", metavar="RUN_DIR")
+    p.add_argument("--images", nargs="+")
+    p.add_argument("--out")
+    p.add_argument("--init-from")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    a = p.parse_args(argv)
+    cfg = common.load_config(IBQTrainConfig, a.resume) if a.resume else RECIPES[a.recipe]()
+    if a.resume:
+        cfg = dataclasses.replace(cfg, out_dir=a.resume, resume=True)
+    for name, value in (("images", tuple(a.images) if a.images else None), ("out_dir", a.out),
+                        ("init_from", a.init_from), ("steps", a.steps), ("device", a.device)):
+        if value is not None:
+            cfg = dataclasses.replace(cfg, **{name: value})
+    return common.apply_overrides(cfg, a.set)
+
+
+if __name__ == "__main__":
+    main(cli(sys.argv[1:]))
