@@ -224,7 +224,7 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
              tokenizer=None, vocab=None, decode_image: Callable | None = None,
              decode_step: Callable | None = None, start_with_image: bool = False,
              stop_ids: tuple[int, ...] | None = None, min_images: int = 0, max_images: int | None = None,
-             max_text_tokens: int | None = None, prefix: PrefixCache | None = None,
+             max_text_tokens: int | None = None, min_text_tokens: int = 0, prefix: PrefixCache | None = None,
              image_sampler: ImageSampler | None = None, should_stop: Callable[[], bool] | None = None
              ) -> Iterator[object]:
     """Yield events for one answer to `prompt_ids`.
@@ -236,7 +236,8 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
     tokenizer: for TextDelta; without one, text deltas are not emitted (ids are in Finished).
     decode_image: codes (h, w) -> image, called on each finished image.
     decode_step: e.g. compile_decode(model), used for one-token steps.
-    start_with_image, stop_ids (default: EOS), min_images, max_images, max_text_tokens: the turn's
+    start_with_image, stop_ids (default: EOS), min_images, max_images, max_text_tokens,
+        min_text_tokens: the turn's
         shape, enforced by the FSM (see sampling.DecodeFSM).
     prefix: a PrefixCache to reuse (and leave holding this answer); by default a fresh one.
     image_sampler: fills image grids; default ARImageSampler.
@@ -275,7 +276,7 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
     stop_ids = tuple(stop_ids) if stop_ids is not None else (vocab.eos,)
     fsm = DecodeFSM(vocab, model.config.vocab_size, image_size=image_size, start_with_image=start_with_image,
                     stop_ids=stop_ids, min_images=min_images, max_images=max_images,
-                    max_text_tokens=max_text_tokens, device=logits.device)
+                    max_text_tokens=max_text_tokens, min_text_tokens=min_text_tokens, device=logits.device)
     run = Run(model, vocab, prefix, logits, fsm, params, guided, generator,
               decode_step or (lambda x, c: model(x, cache=c)), should_stop)
     image_sampler = image_sampler or ARImageSampler()

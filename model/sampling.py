@@ -123,7 +123,8 @@ class DecodeFSM:
     start_with_image forces the answer to open with an image (t2i and x2i answers are one image).
     Turn shape (used by the session engine): `stop_ids` end the answer and are refused until
     `min_images` images are done; after `max_images` images the first stop id is forced; a text run of
-    `max_text_tokens` tokens is closed by BOI while images are still owed, else by the first stop id.
+    `max_text_tokens` tokens is closed by BOI while images are still owed, else by the first stop id;
+    no image opens before the current text run has `min_text_tokens` tokens.
     Use: `forced()` gives the one id that must come next (or None); otherwise `constrain(logits)`
     masks disallowed ids; then `advance(id)` moves the state and returns the finished code grid
     (h, w) when the id closed an image.
@@ -132,13 +133,13 @@ class DecodeFSM:
     def __init__(self, vocab: Vocab, vocab_size: int, image_size: tuple[int, int] | None = None,
                  reuse_first_size: bool = True, start_with_image: bool = False, stop_ids: tuple[int, ...] = (),
                  min_images: int = 0, max_images: int | None = None, max_text_tokens: int | None = None,
-                 device=None):
+                 min_text_tokens: int = 0, device=None):
         self.vocab, self.image_size, self.reuse_first_size = vocab, image_size, reuse_first_size
         if image_size is not None:
             vocab.header_ids(*image_size)  # validates the size
         self.phase = TEXT
         for name, value in (("min_images", min_images), ("max_images", max_images),
-                            ("max_text_tokens", max_text_tokens)):
+                            ("max_text_tokens", max_text_tokens), ("min_text_tokens", min_text_tokens)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
         if (min_images or max_images is not None or max_text_tokens) and not stop_ids:
@@ -146,7 +147,7 @@ class DecodeFSM:
         if max_images is not None and max_images < min_images:
             raise ValueError(f"max_images: must be >= min_images={min_images}, got {max_images}")
         self.stop_ids, self.min_images, self.max_images = tuple(stop_ids), min_images, max_images
-        self.max_text_tokens = max_text_tokens
+        self.max_text_tokens, self.min_text_tokens = max_text_tokens, min_text_tokens
         self.images_done = 0
         self.text_run = 0  # text tokens since the last image (or the start)
         self.queue: list[int] = [vocab.boi] if start_with_image else []  # forced ids still to come
@@ -162,6 +163,7 @@ class DecodeFSM:
                                                    | (ids == vocab.eol) | (ids == vocab.bos))
         self.text_no_stop = self.text_allowed & ~torch.isin(ids, torch.tensor(self.stop_ids or (-1,), device=device))
         self.visual_allowed = (ids >= vocab.visual_start) & (ids < vocab.size)
+        self.boi_mask = ids == vocab.boi
         digits = torch.tensor(vocab.digit_ids, device=device)
         self.digit_allowed = torch.isin(ids, digits)
         self.nonzero_digit_allowed = torch.isin(ids, digits[1:])
@@ -180,7 +182,10 @@ class DecodeFSM:
     def allowed(self) -> torch.Tensor:
         """(V,) bool of the ids allowed next (when nothing is forced)."""
         if self.phase == TEXT:
-            return self.text_allowed if self.images_done >= self.min_images else self.text_no_stop
+            allowed = self.text_allowed if self.images_done >= self.min_images else self.text_no_stop
+            if self.text_run < self.min_text_tokens:  # text comes before the next image
+                allowed = allowed & ~self.boi_mask
+            return allowed
         if self.phase == GRID:
             return self.visual_allowed
         # sampled header grammar: [1-9][0-9] '*' [1-9][0-9]; '*' and IMG are queued, so only digits here

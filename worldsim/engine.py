@@ -209,6 +209,8 @@ class Engine:
         deadline = None if timeout is None else time.time() + timeout
         while deadline is None or time.time() < deadline:
             got = self.hot.read(job_id, after, timeout=0.5)
+            if not got and got is not None and after != "0" and self.job(user, job_id)["status"] in TERMINAL:
+                return  # re-attached at (or after) the end of a stream that is still there
             if got is None or (not got and self.job(user, job_id)["status"] in TERMINAL):
                 yield from self._events_from_sql(user, job_id)
                 return

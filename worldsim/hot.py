@@ -148,7 +148,12 @@ class Hot:
                 r.lpush(self.p + "queue", j)
             return len(missing)
 
-        return self._call("rebuild", redo, lambda: 0)
+        def redo_local():  # one process owns everything: what SQL says is unfinished was interrupted
+            for j in unfinished_job_ids:
+                self.local.enqueue(j)
+            return len(unfinished_job_ids)
+
+        return self._call("rebuild", redo, redo_local)
 
     # ---- events --------------------------------------------------------------------------------
     def publish(self, job_id: str, event: dict) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+_PROBE_LOCK = threading.Lock()
 
 
 def load_upload(data: bytes, field: str = "image"):
@@ -24,8 +26,13 @@ def load_upload(data: bytes, field: str = "image"):
     if len(data) > MAX_UPLOAD_BYTES:
         raise ValueError(f"{field}: {len(data):,} bytes is over the limit of {MAX_UPLOAD_BYTES:,} bytes")
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            fmt, (w, h) = probe.format, probe.size
+        with _PROBE_LOCK:  # Pillow's own bomb check would hide the size; ours follows, before decoding
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                    fmt, (w, h) = probe.format, probe.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
     except Exception as e:  # Pillow raises many types for unreadable data
         raise ValueError(f"{field}: not a readable image ({type(e).__name__}); allowed formats: "
                          f"{', '.join(ALLOWED_FORMATS)}") from None

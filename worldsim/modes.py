@@ -73,11 +73,12 @@ class TurnShape:
     max_images: int
     max_text_tokens: int  # per text run
     start_with_image: bool = False
+    min_text_tokens: int = 1  # text (narration, subtask, step) comes before each image
 
 
 def turn_shape(mode: str, kind: str, settings: dict) -> TurnShape:
     if mode in ("t2i", "x2i"):
-        return TurnShape(1, 1, 1, start_with_image=True)
+        return TurnShape(1, 1, 1, start_with_image=True, min_text_tokens=0)
     if mode == "vla" and kind == "prompt":
         n = settings["steps"]
         return TurnShape(n, n, 48)

@@ -173,6 +173,7 @@ class Runtime:
                                decode_image=self.decode_image, start_with_image=shape.start_with_image,
                                stop_ids=(v.answer_end, v.eos), min_images=shape.min_images,
                                max_images=shape.max_images, max_text_tokens=shape.max_text_tokens,
+                               min_text_tokens=shape.min_text_tokens,
                                image_sampler=self.image_sampler, should_stop=should_stop):
                 if isinstance(ev, TextDelta):
                     emit({"type": "text", "text": ev.text})

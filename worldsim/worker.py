@@ -59,11 +59,20 @@ class Worker:
         self._stop = threading.Event()
 
     # ---- loop ----------------------------------------------------------------------------------
-    def run_forever(self, poll_s: float = 0.5) -> None:
-        log.info("worker %s started", self.id)
-        last_reap = 0.0
+    def _beat(self) -> None:
+        """Heartbeat on its own thread, so a long job never looks like a dead worker."""
+        from worldsim.hot import HEARTBEAT_MS
+
         while not self._stop.is_set():
             self.hot.heartbeat(self.id)
+            self._stop.wait(HEARTBEAT_MS / 3000)
+
+    def run_forever(self, poll_s: float = 0.5) -> None:
+        log.info("worker %s started", self.id)
+        self.hot.heartbeat(self.id)
+        threading.Thread(target=self._beat, name=f"heartbeat-{self.id}", daemon=True).start()
+        last_reap = 0.0
+        while not self._stop.is_set():
             if time.time() - last_reap > 2.0:
                 last_reap = time.time()
                 for job_id in self.hot.reap():
@@ -100,6 +109,7 @@ class Worker:
             emit({"type": "done", "status": "cancelled"})
         except (ValueError, LookupError) as e:
             self.store.update_job(job_id, status="failed", error=str(e))
+            self._drop_if_empty(job)
             emit({"type": "error", "error": str(e)})
             emit({"type": "done", "status": "failed"})
         except Exception as e:  # a bug: keep the worker alive, record it on the job
@@ -109,6 +119,16 @@ class Worker:
             emit({"type": "done", "status": "failed"})
         finally:
             self.hot.ack(self.id, job_id)
+
+    def _drop_if_empty(self, job: dict) -> None:
+        """A session whose first turn was refused (e.g. its prompt overflows the context) is removed,
+        so a failed `new` leaves nothing behind."""
+        if job["action"] == "turn" and job["payload"].get("kind") == "prompt":
+            try:
+                if self.store.get_session(job["owner"], job["session_id"])["num_turns"] == 0:
+                    self.store.delete_session(job["owner"], job["session_id"])
+            except LookupError:
+                pass
 
     def _run(self, job: dict, emit, lock) -> list[int]:
         session = self.store.get_session(job["owner"], job["session_id"])
