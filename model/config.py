@@ -33,6 +33,7 @@ class ModelConfig:
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
     dropout: float = 0.1  # attention-probability dropout, training only (official `attention_dropout`)
+    dida_steps: int = 0  # > 0: adapted by DiDA (SPEC §5); images decode in this many parallel steps by default
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -51,6 +52,8 @@ class ModelConfig:
                              f"{NUM_SPECIAL_TOKENS} special + codebook_size), got {self.vocab_size}")
         if not (self.rope_theta > 0):
             raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+        if not isinstance(self.dida_steps, int) or isinstance(self.dida_steps, bool) or self.dida_steps < 0:
+            raise ValueError(f"dida_steps: must be an integer >= 0 (0: not DiDA-adapted), got {self.dida_steps!r}")
         if not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
 

@@ -139,3 +139,41 @@ def training_mask_mod(doc_ids: torch.Tensor, noisy_image: torch.Tensor, limit: t
         return same_doc & ((clean_kv & (kv_idx < limit[b, q_idx])) | ((qi > 0) & (noisy_image[b, kv_idx] == qi)))
 
     return mask_mod
+
+
+def add_noisy_copies(ids: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, vocab,
+                     generator: torch.Generator | None = None):
+    """Append to each packed row a noisy copy of every image in it (paper §4.3): each code is replaced
+    by the mask id with probability r, r ~ U(0, 1] drawn per image. Returns a dict of (B, T + M)
+    tensors `ids`, `positions`, `doc_ids`, `noisy_image`, `limit` (for training_mask_mod) and
+    `targets` (B, M): the clean code id where the copy is masked, -100 elsewhere (no loss). M is the
+    largest number of codes in a row; shorter rows are padded (doc 0, never a target)."""
+    B, T = ids.shape
+    device = ids.device
+    lo, hi = vocab.visual_start, vocab.size
+    per_row = []
+    for b in range(B):
+        row = ids[b]
+        code_at = ((row >= lo) & (row < hi)).nonzero().squeeze(1)  # (m,) indices of the codes
+        img_marks = (row == vocab.img).nonzero().squeeze(1)  # IMG of each image, in order
+        image_no = torch.cumsum(row == vocab.img, 0)[code_at]  # 1-based image of each code
+        ratio = torch.rand(len(img_marks) + 1, generator=generator, device=device).clamp_(min=1e-3)
+        masked = torch.rand(len(code_at), generator=generator, device=device) < ratio[image_no]
+        per_row.append((code_at, image_no, img_marks, masked))
+    M = max(1, max(len(r[0]) for r in per_row))
+    ext = {k: torch.zeros(B, T + M, dtype=torch.long, device=device)
+           for k in ("ids", "positions", "doc_ids", "noisy_image", "limit")}
+    targets = torch.full((B, M), -100, dtype=torch.long, device=device)
+    ext["ids"][:, :T], ext["positions"][:, :T], ext["doc_ids"][:, :T] = ids, positions, doc_ids
+    ext["ids"][:, T:] = vocab.pad
+    ext["limit"][:] = torch.arange(1, T + M + 1, device=device)  # clean tokens: causal
+    for b, (code_at, image_no, img_marks, masked) in enumerate(per_row):
+        m = len(code_at)
+        clean = ids[b, code_at]
+        ext["ids"][b, T:T + m] = torch.where(masked, torch.full_like(clean, mask_id(vocab)), clean)
+        ext["positions"][b, T:T + m] = positions[b, code_at]
+        ext["doc_ids"][b, T:T + m] = doc_ids[b, code_at]
+        ext["noisy_image"][b, T:T + m] = image_no
+        ext["limit"][b, T:T + m] = img_marks[image_no - 1] + 1  # the prefix up to and including IMG
+        targets[b, :m] = torch.where(masked, clean, torch.full_like(clean, -100))
+    return {**ext, "targets": targets}

@@ -126,3 +126,26 @@ def test_training_mask_flex_equals_dense_and_pattern():
     with torch.no_grad():
         torch.testing.assert_close(m(x, mask=block), m(x, mask=dense_from_mask_mod(mm, 1, T, T)),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_engine_uses_dida_for_adapted_checkpoints_and_per_request_k(tmp_path):
+    """AR by default; DiDA when the checkpoint's config says it is adapted; K per request either way."""
+    from worldsim.engine import Engine
+    from worldsim.hot import Hot
+    from worldsim.runtime import Runtime
+    from worldsim.store import Store, default_database_url
+
+    from model.config import preset
+
+    for config, setting, expected in ((preset("debug"), None, "ar"), (preset("debug"), 3, "dida-3"),
+                                      (preset("debug").replace(dida_steps=5), None, "dida-5"),
+                                      (preset("debug").replace(dida_steps=5), 0, "ar")):
+        rt = Runtime.debug(config=config)
+        eng = Engine(Store(default_database_url(str(tmp_path / expected / str(setting)))), Hot(None), rt, workers=1)
+        try:
+            settings = {"image_size": [3, 3]} | ({} if setting is None else {"dida_steps": setting})
+            turn = eng.new("alice", "explore", prompt="a cave", settings=settings, timeout=60)
+            assert turn["meta"]["sampler"] == expected
+            assert [s["type"] for s in turn["output"]].count("image") == 1
+        finally:
+            eng.close()

@@ -66,6 +66,8 @@ class LMConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     repeat_first_batch: bool = False  # train on the first batch only (overfitting checks)
     progress: bool = True
+    dida_weight: float = 0.0  # > 0: DiDA adaptation (model/dida.py): a noisy copy of every image, its loss added
+    dida_steps: int = 8  # parallel steps the adapted checkpoint decodes with by default (its config's dida_steps)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +79,8 @@ class LMConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.dida_weight < 0 or self.dida_steps < 1:
+            raise ValueError(f"dida_weight/dida_steps: need >= 0 and >= 1, got {self.dida_weight}, {self.dida_steps}")
         if self.micro_batch_size < 0:
             raise ValueError(f"micro_batch_size: must be >= 0, got {self.micro_batch_size}")
 
@@ -122,6 +126,8 @@ def _build_model(cfg: LMConfig, resume_dir: str | None):
     else:
         base_config, saved_tok = preset(cfg.model), None
     config = base_config.replace(**cfg.model_overrides) if cfg.model_overrides else base_config
+    if cfg.dida_weight > 0:  # the checkpoint says it is adapted, so the engine decodes images with DiDA
+        config = config.replace(dida_steps=cfg.dida_steps)
     tok_path = cfg.tokenizer
     if tok_path is None and source is None:
         raise ValueError("tokenizer: give a tokenizer folder (python -m train.text_bpe writes one) or init_from")
@@ -187,11 +193,13 @@ def make_stream(cfg: LMConfig, tokenizer, config):
     return PackedStream(shards, encode, cfg.seq_len, tokenizer.vocab.pad, seed=cfg.seed)
 
 
-def make_mask(doc_ids: torch.Tensor, attention: str):
+def make_mask(doc_ids: torch.Tensor, attention: str, dida: dict | None = None):
+    """Causal-per-document attention, or DiDA's pattern when `dida` (model.dida.add_noisy_copies) is given."""
     from model.attention import block_from_mask_mod, dense_from_mask_mod, document_mask_mod
+    from model.dida import training_mask_mod
 
     B, T = doc_ids.shape
-    mm = document_mask_mod(doc_ids)
+    mm = training_mask_mod(doc_ids, dida["noisy_image"], dida["limit"]) if dida else document_mask_mod(doc_ids)
     if attention == "flex":
         return block_from_mask_mod(mm, B, T, T, doc_ids.device)
     return dense_from_mask_mod(mm, B, T, T, doc_ids.device)
@@ -258,23 +266,40 @@ def _train(cfg: LMConfig, device, info: D.DistInfo) -> list[dict]:
         denom = float(sums[0])
         if denom <= 0:
             raise ValueError("data: a global batch has no loss-bearing tokens (SFT records without answers?)")
-        # [weighted CE sum, text CE sum, text count, visual CE sum, visual count]
-        acc = torch.zeros(5, dtype=torch.float64, device=device)
+        dida = None
+        if cfg.dida_weight > 0:  # noisy copies of the images, appended after the T clean tokens
+            from model.dida import add_noisy_copies
+
+            dida = add_noisy_copies(batch.ids, batch.positions, batch.doc_ids, tokenizer.vocab)
+            n_noisy = (dida["targets"] >= 0).sum().double().reshape(1)
+            D.all_reduce_sum(n_noisy, info)
+            n_noisy = max(float(n_noisy[0]), 1.0)
+        # [weighted CE sum, text CE sum, text count, visual CE sum, visual count, DiDA CE sum]
+        acc = torch.zeros(6, dtype=torch.float64, device=device)
+        T = batch.ids.shape[1]
         for lo in range(0, batch.ids.shape[0], micro):
             ids, w = batch.ids[lo:lo + micro], batch.weights[lo:lo + micro, 1:]
-            mask = make_mask(batch.doc_ids[lo:lo + micro], cfg.attention)
+            part = {k: v[lo:lo + micro] for k, v in dida.items()} if dida else None
+            mask = make_mask(part["doc_ids"] if part else batch.doc_ids[lo:lo + micro], cfg.attention, part)
             with common.autocast(device, amp):
-                logits = model(ids, positions=batch.positions[lo:lo + micro], mask=mask)  # (b, T, V)
+                logits = model(part["ids"] if part else ids, mask=mask,
+                               positions=part["positions"] if part else batch.positions[lo:lo + micro])  # (b, T', V)
             target = ids[:, 1:]
-            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), target.reshape(-1),
+            ce = F.cross_entropy(logits[:, :T - 1].float().reshape(-1, V), target.reshape(-1),
                                  reduction="none").view_as(w)  # (b, T-1)
             weighted = (ce * w).sum()
-            (weighted * (info.world_size / denom)).backward()
+            loss = weighted * (info.world_size / denom)
+            if part:  # each noisy, masked code predicts its clean code at its own position
+                dida_ce = F.cross_entropy(logits[:, T:].float().reshape(-1, V), part["targets"].reshape(-1),
+                                          ignore_index=-100, reduction="sum")
+                loss = loss + cfg.dida_weight * dida_ce * (info.world_size / n_noisy)
+                acc[5] += dida_ce.detach().double()
+            loss.backward()
             with torch.no_grad():
                 is_vis = (target >= tokenizer.vocab.visual_start) & (w > 0)
                 is_txt = (target < tokenizer.vocab.visual_start) & (w > 0)
-                acc += torch.stack([weighted.detach(), (ce * is_txt).sum(), is_txt.sum(),
-                                    (ce * is_vis).sum(), is_vis.sum()]).double()
+                acc[:5] += torch.stack([weighted.detach(), (ce * is_txt).sum(), is_txt.sum(),
+                                        (ce * is_vis).sum(), is_vis.sum()]).double()
         D.all_reduce_sum(acc, info)
         grad_norm = common.clip_grad_norm(model.parameters(), cfg.grad_clip)
         lr = common.cosine_lr(step - 1, **schedule)
@@ -286,6 +311,8 @@ def _train(cfg: LMConfig, device, info: D.DistInfo) -> list[dict]:
             out["loss_text"] = float(acc[1] / acc[2])
         if acc[4] > 0:
             out["loss_visual"] = float(acc[3] / acc[4])
+        if dida is not None:
+            out["loss_dida"] = float(acc[5]) / n_noisy
         return out
 
     def save_fn(step: int) -> None:

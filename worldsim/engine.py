@@ -277,7 +277,7 @@ class Engine:
     def _check_settings(mode: str, settings: dict) -> dict:
         from model.sampling import task_defaults
 
-        allowed = {"seed", "image_size", "sampling", "max_steps"}
+        allowed = {"seed", "image_size", "sampling", "max_steps", "dida_steps"}
         unknown = set(settings) - allowed
         if unknown:
             raise ValueError(f"settings: unknown {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -290,6 +290,9 @@ class Engine:
                     or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 99 for x in size)):
                 raise ValueError(f"settings.image_size: must be [h, w] in tokens, each 1..99, got {size!r}")
             settings["image_size"] = list(size)
+        k = settings.get("dida_steps")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 256):
+            raise ValueError(f"settings.dida_steps: must be an integer in [0, 256] (0: autoregressive), got {k!r}")
         task_defaults(mode).replace(**settings.get("sampling", {}))  # validates the overrides
         return settings
 

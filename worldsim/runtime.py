@@ -103,6 +103,16 @@ class Runtime:
 
         return to_pil(self.vq.decode(codes[None].to(self.device))[0])
 
+    def sampler_for(self, dida_steps: int | None):
+        """(image sampler, its name): DiDA with K steps when asked (K > 0) or, by default, when the
+        checkpoint is DiDA-adapted (config.dida_steps > 0); autoregressive for K = 0 or otherwise."""
+        from model.dida import DiDASampler
+
+        if self.image_sampler is not None and dida_steps is None:
+            return self.image_sampler, type(self.image_sampler).__name__
+        k = self.model.config.dida_steps if dida_steps is None else dida_steps
+        return (DiDASampler(k), f"dida-{k}") if k > 0 else (None, "ar")
+
     # ---- caches ------------------------------------------------------------------------------
     def _prefix(self, session_id: str | None, rows: int):
         from model.generate import PrefixCache
@@ -150,10 +160,12 @@ class Runtime:
 
     def run_turn(self, *, session_id: str | None, mode: str, turns: list[dict], seqs: list[int], shape: TurnShape,
                  params, seed: int, image_size: tuple[int, int], image_ids, on_event=None, should_stop=None,
-                 already_dropped: list[int] = ()) -> dict:
+                 already_dropped: list[int] = (), dida_steps: int | None = None) -> dict:
         """Generate the answer of the last (pending) turn in `turns`. Returns
         {"ids", "images": [(codes tensor, PIL)], "reason", "meta"}; on_event gets engine events."""
         from model.generate import Finished, ImageDone, ImageProgress, ImageStarted, TextDelta, generate
+
+        sampler, sampler_name = self.sampler_for(dida_steps)
 
         layout = Layout(self.tokenizer, image_ids)
         guided = params.guidance_scale != 1.0
@@ -174,7 +186,7 @@ class Runtime:
                                stop_ids=(v.answer_end, v.eos), min_images=shape.min_images,
                                max_images=shape.max_images, max_text_tokens=shape.max_text_tokens,
                                min_text_tokens=shape.min_text_tokens,
-                               image_sampler=self.image_sampler, should_stop=should_stop):
+                               image_sampler=sampler, should_stop=should_stop):
                 if isinstance(ev, TextDelta):
                     emit({"type": "text", "text": ev.text})
                 elif isinstance(ev, ImageStarted):
@@ -190,5 +202,6 @@ class Runtime:
             seconds = time.perf_counter() - start
         meta = {"dropped_turns": dropped, "prompt_tokens": len(cond_ids), "generated_tokens": len(result.token_ids),
                 "cached_tokens_reused": reused or 0, "seconds": round(seconds, 4), "seed": seed,
-                "finish_reason": result.reason, "image_size": list(image_size), "model": self.name}
+                "finish_reason": result.reason, "image_size": list(image_size), "model": self.name,
+                "sampler": sampler_name}
         return {"ids": result.token_ids, "images": images, "reason": result.reason, "meta": meta}

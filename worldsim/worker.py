@@ -183,7 +183,8 @@ class Worker:
             session_id=sid, mode=mode, turns=turns, seqs=seqs, shape=turn_shape(mode, kind, settings),
             params=params, seed=seed, image_size=size, image_ids=lambda h: self._image_ids(h, size),
             on_event=emit, should_stop=should_stop,
-            already_dropped=history[-1]["meta"].get("dropped_turns", []) if history and mode not in ("t2i", "x2i") else [])
+            already_dropped=history[-1]["meta"].get("dropped_turns", []) if history and mode not in ("t2i", "x2i") else [],
+            dida_steps=settings.get("dida_steps"))
         if result["reason"] == "cancelled":
             raise _Cancelled()
         hashes = []
