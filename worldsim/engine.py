@@ -34,14 +34,14 @@ class JobFailed(RuntimeError):
 class Engine:
     def __init__(self, store: Store, hot: Hot, runtime=None, workers: int = 1):
         self.store, self.hot, self.runtime = store, hot, runtime
-        self.workers = []
+        self.workers, self._threads = [], []
         if workers and runtime is None:
             raise ValueError("workers: in-process workers need a model runtime")
         from worldsim.worker import Worker
 
         for i in range(workers):
             w = Worker(store, hot, runtime, worker_id=f"{os.getpid()}-inproc-{i}")
-            w.start_thread()
+            self._threads.append(w.start_thread())
             self.workers.append(w)
         requeued = hot.rebuild([j["id"] for j in store.unfinished_jobs()])
         if requeued:
@@ -63,6 +63,8 @@ class Engine:
     def close(self) -> None:
         for w in self.workers:
             w.stop()
+        for t in self._threads:  # a job in progress finishes its current token, then the loop exits
+            t.join(timeout=10)
         self.store.close()
 
     # ---- sessions ------------------------------------------------------------------------------
