@@ -249,4 +249,6 @@ def test_sigkill_of_cli_step_loop(tmp_path, make_engine):
     probe.close()
     eng = make_engine(url)
     last = eng.store.turns(sid)[-1]["seq"]
-    assert eng.step("crash", sid, "after the crash", timeout=60)["seq"] == last + 1
+    # the killed step's job, still unfinished in SQL, may be resumed first (the engine re-queues it)
+    assert eng.step("crash", sid, "after the crash", timeout=60)["seq"] in (last + 1, last + 2)
+    check_intact(eng.store, sid, reported)
