@@ -1,0 +1,390 @@
+"""Evaluation of a world model against the simulators it was trained on (issue 5; DESIGN "the simulator is
+also the ground truth"). Prints JSON metrics.
+
+    python -m train.evaluate --task {explore,manipulate,guide,story} [--checkpoint DIR]
+        [--scenario NAME_OR_CFG | --wad FILE --map MAP] [--episodes N] [--seed S] [--steps K]
+        [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--context C] [--json]
+
+Held-out by construction: episode seeds are `seed + HELDOUT_SEED_OFFSET` of each simulator, PyBullet uses
+the held-out colour set, and ViZDoom runs the training scenarios (new seeds) unless --scenario / --wad
+--map names another world (e.g. an unseen freedoom level). `--checkpoint` defaults to assets/demo.
+
+Images: engine frames are resized (bicubic, SPEC §4) to the model's image size (`--image-area`, the area
+used in training) and every PSNR is computed there, on decoded pixels against those frames.
+
+- explore (ViZDoom): teacher-forced next frame. The model sees the true history (the last `--context`
+  frames as codes, each step's true narration) and generates the next image. `model_psnr` (the model),
+  `baseline_psnr` (copy the last frame), `prev_tokens_psnr` (the last frame's decoded tokens),
+  `tokenizer_psnr` (the true next frame's decoded tokens: the ceiling), `shuffled_instruction_psnr`
+  (the same history with the last narration swapped for another action's), `per_action` (those
+  figures per action), `rollout_psnr` / `rollout_baseline_psnr` (an 8-step rollout fed its own frames,
+  against copying the first frame).
+- manipulate (PyBullet): per subtask, teacher-forced: the subtask text is generated after the true
+  history (`subtask_exact_match` against the scripted plan), then the keyframe is generated after the
+  true text; PSNR against the simulator's frame at the subtask's end, whole frame (`model_psnr`,
+  `baseline_psnr` = the repeated first frame) and object + arm pixels from PyBullet's segmentation
+  mask (`model_object_psnr`, `baseline_object_psnr`).
+- guide (Crafter): the model answers "How to make X" for each target; `valid_fraction` = share of
+  generated step lists valid in Crafter's tech tree that end by making X (train/sim/craft.valid_steps).
+- story (Crafter): the model tells the story of a held-out episode from its first frame; beats are
+  compared with the episode's events: `event_recall` (true events told), `beat_precision` (told beats
+  that happened), `agreement` (their F1), `valid_beat_fraction` (beats that are known event sentences).
+
+Bad input (an unknown scenario, a wad without the map, a tokenizer whose codebook does not match the
+model, --episodes 0, a missing checkpoint) prints `error: ...` (and {"error": ...} with --json), exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+TASKS = ("explore", "manipulate", "guide", "story")
+SAMPLERS = ("ar", "dida")
+DEFAULT_IMAGE_AREA = 96 * 96
+
+
+# ------------------------------------------------------------------------------------ model side
+
+class Evaluator:
+    """The loaded checkpoint plus the helpers every task uses."""
+
+    def __init__(self, checkpoint: str | None, sampler: str = "ar", dida_steps: int = 8,
+                 image_area: int = DEFAULT_IMAGE_AREA, seed: int = 0, temperature: float = 0.0):
+        from model.sampling import task_defaults
+        from worldsim.runtime import DEFAULT_CHECKPOINT, Runtime
+
+        path = checkpoint or DEFAULT_CHECKPOINT
+        if not os.path.isdir(path):
+            raise ValueError(f"checkpoint: {path} is not a folder (no demo checkpoint shipped yet? pass --checkpoint)")
+        self.rt = Runtime.load(path)  # ValueError when the vision tokenizer's codebook does not match
+        # shipped weights are fp16; CPU matmuls in fp16 are slow and less exact, so evaluate in fp32
+        self.model, self.vq = self.rt.model.float().eval(), self.rt.vq.float().eval()
+        self.tok, self.vocab = self.rt.tokenizer, self.rt.vocab
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: must be one of {list(SAMPLERS)}, got {sampler!r}")
+        if sampler == "dida":
+            from model.dida import DiDASampler
+
+            self.sampler = DiDASampler(num_steps=dida_steps)
+        else:
+            self.sampler = None
+        self.image_area = image_area
+        self.patch = self.vq.config.downsample_factor
+        self.params = task_defaults("explore").replace(guidance_scale=1.0, image_temperature=temperature,
+                                                       text_temperature=temperature, max_new_tokens=4096)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # pixels <-> codes
+    def resize(self, frame: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        from model.vision_tokenizer import resize_to_area
+
+        return np.asarray(resize_to_area(Image.fromarray(frame), self.image_area, self.patch))
+
+    def resize_mask(self, mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        m = Image.fromarray(mask.astype(np.uint8) * 255).resize((like.shape[1], like.shape[0]), Image.Resampling.NEAREST)
+        return np.asarray(m) > 127
+
+    @torch.no_grad()
+    def encode(self, resized: np.ndarray) -> list[list[int]]:
+        from model.vision_tokenizer import to_tensor
+
+        return self.vq.encode(to_tensor(resized)[None].to(self.vq.quant_conv.weight.dtype))[0].tolist()
+
+    @torch.no_grad()
+    def decode(self, codes) -> np.ndarray:
+        c = torch.as_tensor(codes, dtype=torch.long)[None]
+        y = self.vq.decode(c)[0].float()
+        return ((y + 1) * 127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+
+    # sequences
+    def prefix_ids(self, rec: dict) -> list[int]:
+        """Ids of `rec` (codes images) up to the end of its answer segments, without <extra_101><EOS>."""
+        from train.data.format import encode_record
+
+        enc = encode_record(rec, self.tok, mode="sft", visual_weight=1.0)
+        return enc.ids[:-2]
+
+    def _check_room(self, ids, size):
+        need = len(ids) + size[0] * size[1] + size[0] + 16
+        if need > self.model.config.max_position_embeddings:
+            raise ValueError(f"context: {need} tokens do not fit the model's {self.model.config.max_position_embeddings}; "
+                             "lower --context or --image-area")
+
+    @torch.no_grad()
+    def next_image(self, ids: list[int], size: tuple[int, int]) -> list[list[int]]:
+        from model.generate import ImageDone, generate
+
+        self._check_room(ids, size)
+        for ev in generate(self.model, ids, params=self.params, generator=self.generator, image_size=size,
+                           start_with_image=True, min_images=1, max_images=1, image_sampler=self.sampler):
+            if isinstance(ev, ImageDone):
+                return ev.codes.tolist()
+        raise RuntimeError("generation ended without an image")
+
+    @torch.no_grad()
+    def next_text(self, ids: list[int], size: tuple[int, int], max_tokens: int = 48) -> str:
+        """The text the model writes before its next image."""
+        from model.generate import ImageStarted, TextDelta, generate
+
+        self._check_room(ids, size)
+        out = ""
+        for ev in generate(self.model, ids, params=self.params, generator=self.generator, image_size=size,
+                           min_images=1, max_images=1, max_text_tokens=max_tokens, tokenizer=self.tok,
+                           image_sampler=self.sampler):
+            if isinstance(ev, TextDelta):
+                out += ev.text
+            elif isinstance(ev, ImageStarted):
+                break
+        return out.strip()
+
+    @torch.no_grad()
+    def answer(self, ids: list[int], size: tuple[int, int], max_images: int, min_images: int = 1):
+        """Free generation of an interleaved answer: [(text before image i, codes i), ...]."""
+        from model.generate import Finished, ImageDone, TextDelta, generate
+
+        self._check_room(ids, size)
+        parts, text = [], ""
+        for ev in generate(self.model, ids, params=self.params, generator=self.generator, image_size=size,
+                           min_images=min_images, max_images=max_images, max_text_tokens=48,
+                           tokenizer=self.tok, image_sampler=self.sampler):
+            if isinstance(ev, TextDelta):
+                text += ev.text
+            elif isinstance(ev, ImageDone):
+                parts.append((text.strip(), ev.codes.tolist()))
+                text = ""
+            elif isinstance(ev, Finished):
+                break
+        return parts
+
+
+def _codes(c) -> dict:
+    return {"codes": c}
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and np.isfinite(x)]
+    return round(float(np.mean(xs)), 3) if xs else None
+
+
+# ------------------------------------------------------------------------------------ tasks
+
+def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: int, context: int,
+            rollout: int = 8) -> dict:
+    from train.data import format as fmt
+    from train.sim import doom
+    from train.sim.common import psnr
+
+    worlds = [world] if world else [doom.resolve_world(s) for s in doom.TRAIN_SCENARIOS]
+    rows, roll, roll_base = [], [], []
+    for i in range(episodes):
+        w = worlds[i % len(worlds)]
+        rng = np.random.default_rng([seed + doom.HELDOUT_SEED_OFFSET, i])
+        frames, actions = doom.episode(w, int(rng.integers(2 ** 31 - 1)), max(steps, rollout),
+                                       warmup=int(rng.integers(0, 40)))
+        small = [ev.resize(f) for f in frames]
+        codes = [ev.encode(f) for f in small]
+        size = (len(codes[0]), len(codes[0][0]))
+        for k in range(1, steps + 1):
+            lo = max(0, k - context)
+
+            def record(last_narration):
+                answer = []
+                for j in range(lo + 1, k):
+                    answer += [fmt.text(doom.NARRATION[actions[j - 1]]), {"image": _codes(codes[j])}]
+                answer.append(fmt.text(last_narration))
+                return fmt.record("explore", answer, "Explore this place.", [_codes(codes[lo])])
+
+            a = actions[k - 1]
+            pred = ev.decode(ev.next_image(ev.prefix_ids(record(doom.NARRATION[a])), size))
+            other = doom.ACTIONS[(doom.ACTIONS.index(a) + 1 + int(rng.integers(len(doom.ACTIONS) - 1))) % len(doom.ACTIONS)]
+            shuf = ev.decode(ev.next_image(ev.prefix_ids(record(doom.NARRATION[other])), size))
+            rows.append({"action": a, "model": psnr(small[k], pred), "baseline": psnr(small[k], small[k - 1]),
+                         "prev_tokens": psnr(small[k], ev.decode(codes[k - 1])),
+                         "tokenizer": psnr(small[k], ev.decode(codes[k])), "shuffled": psnr(small[k], shuf)})
+        # rollout: the model's own frames as history
+        own = [codes[0]]
+        for k in range(1, rollout + 1):
+            lo = max(0, k - context)
+            answer = []
+            for j in range(lo + 1, k):
+                answer += [fmt.text(doom.NARRATION[actions[j - 1]]), {"image": _codes(own[j])}]
+            answer.append(fmt.text(doom.NARRATION[actions[k - 1]]))
+            rec = fmt.record("explore", answer, "Explore this place.", [_codes(own[lo])])
+            own.append(ev.next_image(ev.prefix_ids(rec), size))
+            roll.append(psnr(small[k], ev.decode(own[k])))
+            roll_base.append(psnr(small[k], small[0]))
+
+    def summary(rs):
+        return {"model_psnr": _mean(r["model"] for r in rs), "baseline_psnr": _mean(r["baseline"] for r in rs),
+                "prev_tokens_psnr": _mean(r["prev_tokens"] for r in rs),
+                "tokenizer_psnr": _mean(r["tokenizer"] for r in rs),
+                "shuffled_instruction_psnr": _mean(r["shuffled"] for r in rs), "num_steps": len(rs)}
+
+    out = summary(rows)
+    out["per_action"] = {a: summary([r for r in rows if r["action"] == a]) for a in doom.ACTIONS
+                         if any(r["action"] == a for r in rows)}
+    out["rollout_psnr"], out["rollout_baseline_psnr"] = _mean(roll), _mean(roll_base)
+    out["worlds"] = sorted({w["name"] for w in worlds[:episodes]})
+    return out
+
+
+def manipulate(ev: Evaluator, episodes: int, seed: int) -> dict:
+    from train.data import format as fmt
+    from train.sim import panda
+    from train.sim.common import psnr
+
+    whole, obj, bwhole, bobj, match, n_sub = [], [], [], [], 0, 0
+    for i in range(episodes):
+        rng = np.random.default_rng([seed + panda.HELDOUT_SEED_OFFSET, i])
+        ep = panda.episode(panda.TASKS[i % len(panda.TASKS)], int(rng.integers(2 ** 31 - 1)), "heldout")
+        small = [ev.resize(f) for f in ep.frames]
+        masks = [ev.resize_mask(m, s) for m, s in zip(ep.masks, small)]
+        codes = [ev.encode(f) for f in small]
+        size = (len(codes[0]), len(codes[0][0]))
+        n = len(ep.subtasks)
+        q = f"Robot Arm Type: {panda.ARM}. Instruction: {ep.goal}. Finish the task with {n} steps."
+        for k in range(n):
+            hist = [seg for j in range(k) for seg in (fmt.text(f"Current Step: {ep.subtasks[j]}"),
+                                                      {"image": _codes(codes[j + 1])})]
+            # text: the prefix ends after the previous keyframe (or the prompt); a dummy text segment is
+            # needed for a non-empty answer, so build the ids up to the answer start by hand
+            ids = ev.prefix_ids(fmt.record("vla", hist + [fmt.text("x")], q, [_codes(codes[0])]))
+            x_len = len(ev.tok.encode("x", allow_special=False))
+            said = ev.next_text(ids[:-x_len], size)
+            match += said == f"Current Step: {ep.subtasks[k]}"
+            n_sub += 1
+            rec = fmt.record("vla", hist + [fmt.text(f"Current Step: {ep.subtasks[k]}")], q, [_codes(codes[0])])
+            pred = ev.decode(ev.next_image(ev.prefix_ids(rec), size))
+            whole.append(psnr(small[k + 1], pred))
+            obj.append(psnr(small[k + 1], pred, masks[k + 1]))
+            bwhole.append(psnr(small[k + 1], small[0]))
+            bobj.append(psnr(small[k + 1], small[0], masks[k + 1]))
+    return {"model_psnr": _mean(whole), "baseline_psnr": _mean(bwhole), "model_object_psnr": _mean(obj),
+            "baseline_object_psnr": _mean(bobj), "subtask_exact_match": round(match / max(1, n_sub), 3),
+            "num_subtasks": n_sub, "object_set": sorted(panda.HELDOUT_COLOURS)}
+
+
+def guide(ev: Evaluator, episodes: int, seed: int) -> dict:
+    from train.data import format as fmt
+    from train.sim import craft
+
+    targets = sorted(craft.PLANS)
+    side = int(round(np.sqrt(ev.image_area) / ev.patch))
+    size = (side, side)
+    valid, examples = [], []
+    for i in range(episodes):
+        target = targets[i % len(targets)]
+        ids = ev.prefix_ids(fmt.record("howto", [fmt.text("x")], craft.QUESTIONS[target]))
+        ids = ids[:-len(ev.tok.encode("x", allow_special=False))]
+        parts = ev.answer(ids, size, max_images=len(craft.PLANS["stone pickaxe"]) + 1)
+        steps = [t for t, _ in parts]
+        ok = craft.valid_steps(steps, target)
+        valid.append(ok)
+        if len(examples) < 4:
+            examples.append({"target": target, "steps": steps, "valid": ok})
+    return {"valid_fraction": round(float(np.mean(valid)), 3), "num_lists": len(valid), "examples": examples}
+
+
+def story(ev: Evaluator, episodes: int, seed: int) -> dict:
+    from train.data import format as fmt
+    from train.sim import craft
+
+    rec_hits = rec_total = prec_hits = told = known = 0
+    for i in range(episodes):
+        rng = np.random.default_rng([seed + craft.HELDOUT_SEED_OFFSET, i])
+        walk = craft.story(int(rng.integers(craft.HELDOUT_SEED_OFFSET)) + craft.HELDOUT_SEED_OFFSET)
+        small = ev.resize(walk.frames[0])
+        codes = ev.encode(small)
+        size = (len(codes), len(codes[0]))
+        ids = ev.prefix_ids(fmt.record("story", [fmt.text("x")], craft.STORY_PROMPT, [_codes(codes)]))
+        ids = ids[:-len(ev.tok.encode("x", allow_special=False))]
+        beats = [t for t, _ in ev.answer(ids, size, max_images=5)]
+        events = set(walk.steps)
+        rec_hits += len(events & set(beats))
+        rec_total += len(events)
+        prec_hits += sum(b in events for b in beats)
+        known += sum(b in craft.EVENT_TEXT.values() for b in beats)
+        told += len(beats)
+    r = rec_hits / max(1, rec_total)
+    p = prec_hits / max(1, told)
+    return {"event_recall": round(r, 3), "beat_precision": round(p, 3),
+            "agreement": round(2 * p * r / (p + r), 3) if p + r else 0.0,
+            "valid_beat_fraction": round(known / max(1, told), 3), "num_beats": told, "num_events": rec_total}
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
+        map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
+        sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8) -> dict:
+    from train.sim.common import check_episodes
+
+    if task not in TASKS:
+        raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
+    check_episodes(episodes)
+    for name, v in (("steps", steps), ("context", context), ("dida_steps", dida_steps), ("rollout", rollout)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+    world = None
+    if scenario or wad or map_name:
+        if task != "explore":
+            raise ValueError("scenario/wad/map: only for --task explore")
+        from train.sim import doom
+
+        world = doom.resolve_world(scenario, wad, map_name)  # checked before the model loads
+    ev = Evaluator(checkpoint, sampler, dida_steps, image_area, seed)
+    if task == "explore":
+        out = explore(ev, world, episodes, seed, steps, context, rollout)
+    elif task == "manipulate":
+        out = manipulate(ev, episodes, seed)
+    elif task == "guide":
+        out = guide(ev, episodes, seed)
+    else:
+        out = story(ev, episodes, seed)
+    return {"task": task, "checkpoint": ev.rt.name, "sampler": sampler, "episodes": episodes, "seed": seed, **out}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--checkpoint")
+    p.add_argument("--scenario")
+    p.add_argument("--wad")
+    p.add_argument("--map", dest="map_name")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=8, help="explore: teacher-forced steps per episode")
+    p.add_argument("--context", type=int, default=3, help="explore: frames of history the model sees")
+    p.add_argument("--rollout", type=int, default=8)
+    p.add_argument("--sampler", default="ar", choices=SAMPLERS)
+    p.add_argument("--dida-steps", type=int, default=8)
+    p.add_argument("--image-area", type=int, default=DEFAULT_IMAGE_AREA)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="print compact JSON (default: indented)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        out = run(a.task, a.checkpoint, a.scenario, a.wad, a.map_name, a.episodes, a.seed, a.steps, a.context,
+                  a.sampler, a.dida_steps, a.image_area, a.rollout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"error": str(e)}))
+        return 2
+    print(json.dumps(out) if a.json else json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

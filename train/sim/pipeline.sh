@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole demo pipeline on CPU, resumable step by step (each step is skipped when its output exists;
+# trainers resume from their latest checkpoint). Usage: bash train/sim/pipeline.sh [RUNS_DIR]
+# Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretrain -> SFT -> assets/demo.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=${1:-runs}
+D=$R/simdata
+IBQ_STEPS=${IBQ_STEPS:-1200}
+PRE_STEPS=${PRE_STEPS:-1000}
+SFT_STEPS=${SFT_STEPS:-300}
+DEVICE=${DEVICE:-cpu}  # cuda on a lent GPU
+LM_MODEL='{"hidden_size":192,"intermediate_size":512,"num_layers":3,"num_heads":3,"num_kv_heads":1,"head_dim":64,"max_position_embeddings":4096,"dropout":0.0}'
+gen() {  # gen NAME ARGS...: one generator run, skipped when its summary exists
+  local name=$1; shift
+  [ -f "$D/$name.json" ] || { python -m train.sim.generate "$@" --out "$D/$name" > "$D/$name.json.tmp" && mv "$D/$name.json.tmp" "$D/$name.json"; }
+}
+mkdir -p "$D"
+echo "[pipeline] data $(date)"
+( gen crafter-train --sim crafter --episodes 150 --seed 0 ) &
+gen doom-train --sim doom --episodes 240 --seed 0
+gen panda-train --sim panda --episodes 240 --seed 0
+wait
+gen doom-heldout --sim doom --episodes 24 --seed 1 --split heldout
+gen doom-unseen-f2-map15 --sim doom --episodes 6 --seed 2 --split heldout --wad freedoom2.wad --map MAP15
+gen doom-unseen-f1-e1m1 --sim doom --episodes 6 --seed 3 --split heldout --wad freedoom1.wad --map E1M1
+gen panda-heldout --sim panda --episodes 24 --seed 1 --split heldout
+gen crafter-heldout --sim crafter --episodes 12 --seed 1 --split heldout
+echo "[pipeline] ibq $(date)"
+[ -d "$R/ibq-init" ] || python -m train.sim.ibq_init --out "$R/ibq-init"
+python -m train.tokenizer_ibq --recipe demo_cpu --init-from "$R/ibq-init" \
+  --images "$D/doom-train/frames" "$D/panda-train/frames" "$D/panda-train/frames" \
+  "$D/crafter-train/frames" "$D/crafter-train/frames" --out "$R/ibq-sim" \
+  --steps "$IBQ_STEPS" --set resolution=64 batch_size=4 lr=0.0006 min_lr=0.00003 warmup_steps=100 \
+  perceptual_weight=0.25 disc_weight=0.0 save_every=100 progress=false --device "$DEVICE"
+IBQ="$R/ibq-sim/checkpoints/$(cat "$R/ibq-sim/checkpoints/latest")"
+python -m train.sim.tokenizer_eval --vision-tokenizer "$IBQ" --data-root "$D" > "$R/ibq-sim/psnr.json"
+echo "[pipeline] bpe $(date)"
+[ -f "$R/tok-sim/tokenizer.json" ] || python -m train.text_bpe --recipe demo --out "$R/tok-sim" \
+  --text README.md model/*.py worldsim/*.py train/*.py train/data/*.py --shards "$D/doom-train" "$D/panda-train" "$D/crafter-train"
+echo "[pipeline] pretrain $(date)"
+python -m train.pretrain --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+  --tokenizer "$R/tok-sim" --out "$R/pretrain-sim" --steps "$PRE_STEPS" --device "$DEVICE" \
+  --set vision_tokenizer="$IBQ" image_area=9216 "model_overrides=$LM_MODEL" lr=0.001 min_lr=0.0001 \
+  batch_size=4 warmup_steps=100 micro_batch_size=0 seq_len=1280 save_every=100 progress=false
+echo "[pipeline] sft $(date)"
+python -m train.sft --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+  --init-from "$R/pretrain-sim" --out "$R/sft-sim" --steps "$SFT_STEPS" --device "$DEVICE" \
+  --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=50 micro_batch_size=0 seq_len=1280 \
+  save_every=100 progress=false
+echo "[pipeline] package $(date)"
+python -m train.sim.package --model "$R/sft-sim" --vision-tokenizer "$IBQ" --out assets/demo
+echo "[pipeline] done $(date)"

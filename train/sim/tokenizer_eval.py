@@ -1,0 +1,86 @@
+"""Reconstruction PSNR of an IBQ tokenizer on held-out simulator frames, per simulator, plus codebook use.
+
+    python -m train.sim.tokenizer_eval --vision-tokenizer DIR --data-root runs/simdata [--panda-episodes 12]
+
+Frames are the keyframes (`NNN.png`, not the tokenizer-only `x*.png`) of every `*-heldout` / `*-unseen-*`
+folder under --data-root, encoded and decoded at their native size (ViZDoom 160x120, Crafter and
+PyBullet 128x128; all multiples of 8). PyBullet is re-simulated from the held-out seeds so the object
+and arm pixels come from PyBullet's segmentation mask (`object_psnr`). Codebook use = distinct codes over
+all these frames / codebook size. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+
+def reconstruct(ibq, frame: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    from model.vision_tokenizer import to_tensor
+
+    with torch.no_grad():
+        x = to_tensor(frame)[None].to(next(ibq.parameters()).dtype)
+        codes = ibq.encode(x)
+        y = ibq.decode(codes)[0].float()
+    return ((y + 1) * 127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy(), codes
+
+
+def evaluate(ibq, data_root: str, panda_episodes: int = 12, max_frames: int = 300) -> dict:
+    from PIL import Image
+
+    from train.sim.common import psnr
+
+    used = torch.zeros(ibq.config.codebook_size, dtype=torch.bool)
+    out = {}
+    for folder in sorted(glob.glob(os.path.join(data_root, "*"))):
+        name = os.path.basename(folder)
+        if not os.path.isdir(folder) or not ("heldout" in name or "unseen" in name) or name.startswith("panda"):
+            continue
+        files = sorted(f for f in glob.glob(os.path.join(folder, "frames", "*", "*.png"))
+                       if re.fullmatch(r"\d+\.png", os.path.basename(f)))[:max_frames]
+        vals = []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+            rec, codes = reconstruct(ibq, a)
+            used[codes.flatten()] = True
+            vals.append(psnr(a, rec))
+        if vals:
+            out[name] = {"psnr": round(float(np.mean(vals)), 2), "frames": len(vals)}
+    from train.sim import panda
+
+    whole, obj = [], []
+    for i in range(panda_episodes):
+        ep = panda.episode(panda.TASKS[i % 4], panda.HELDOUT_SEED_OFFSET + 1000 + i, "heldout")
+        for f, m in zip(ep.frames, ep.masks):
+            rec, codes = reconstruct(ibq, f)
+            used[codes.flatten()] = True
+            whole.append(psnr(f, rec))
+            obj.append(psnr(f, rec, m))
+    out["panda-heldout"] = {"psnr": round(float(np.mean(whole)), 2),
+                            "object_psnr": round(float(np.nanmean(obj)), 2), "frames": len(whole)}
+    out["codebook_use"] = round(float(used.float().mean()), 4)
+    return out
+
+
+def main(argv=None) -> None:
+    from model.vision_tokenizer import load_ibq
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vision-tokenizer", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--panda-episodes", type=int, default=12)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ibq = load_ibq(a.vision_tokenizer).float().eval()
+    print(json.dumps(evaluate(ibq, a.data_root, a.panda_episodes)))
+
+
+if __name__ == "__main__":
+    main()
