@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reroll", help="generate a turn again (the last by default)")
     p.add_argument("session")
     p.add_argument("--seq", type=int)
-    p = sub.add_parser("render", help="keyframes to an MP4 slideshow")
+    p = sub.add_parser("render", help="keyframes to an MP4 (in-betweens by the video decoder, else a slideshow)")
     p.add_argument("session")
     p.add_argument("--out", required=True)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seconds-per-image", type=float, default=1.0)
+    p.add_argument("--video-decoder", help="video decoder folder (else $WORLDSIM_VIDEO_DECODER, assets/video_decoder)")
     p = sub.add_parser("export", help="write the session as json, html or zip")
     p.add_argument("session")
     p.add_argument("--format", default="json")
@@ -134,7 +135,10 @@ def run(args) -> dict | list:
         session = engine.show(user, args.session)
         png = lambda h: engine.store.get_image(h)["png"]  # noqa: E731  (owned: it is in the session)
         if c == "render":
-            return ex.render_slideshow(session, png, args.out, fps=args.fps, seconds_per_image=args.seconds_per_image)
+            from worldsim import video
+
+            return video.render(session, png, args.out, fps=args.fps, seconds_per_image=args.seconds_per_image,
+                                decoder=args.video_decoder, data_dir=args.data_dir, device=args.device)
         data = ex.export(session, args.format, png)
         with open(args.out, "wb") as f:
             f.write(data)
