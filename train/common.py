@@ -304,3 +304,17 @@ def run_steps(*, start_step: int, total_steps: int, step_fn: Callable[[int], dic
             save_fn(step)
     bar.close()
     return entries
+
+
+def print_summary(compute: Callable[[], dict]) -> int:
+    """Script edge of the data converters: print compute()'s summary as one JSON line and return 0, or
+    print the ValueError to stderr and return 2."""
+    import sys
+
+    try:
+        summary = compute()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

@@ -163,9 +163,7 @@ class Engine:
 
     def show(self, user: str, session_id: str) -> dict:
         session = self.store.get_session(_check_user(user), session_id)
-        turns = self.store.turns(session_id)
-        for t in turns:  # exact token ids are the model's business, not the caller's
-            t["meta"] = {k: v for k, v in t["meta"].items() if k != "answer_ids"}
+        turns = [_public(t) for t in self.store.turns(session_id)]
         return {**session, "turns": turns, "plan": plan_of(session, turns)}
 
     def list(self, user: str) -> list[dict]:
@@ -198,9 +196,7 @@ class Engine:
         if job["status"] != "done":
             raise JobFailed(job)
         seqs = (job["result"] or {}).get("seqs", [])
-        turns = [t for t in self.store.turns(job["session_id"]) if t["seq"] in seqs]
-        for t in turns:
-            t["meta"] = {k: v for k, v in t["meta"].items() if k != "answer_ids"}
+        turns = [_public(t) for t in self.store.turns(job["session_id"]) if t["seq"] in seqs]
         return {**job, "turns": turns}
 
     def events(self, user: str, job_id: str, after: str = "0", timeout: float | None = None):
@@ -297,6 +293,11 @@ class Engine:
             raise ValueError(f"settings.dida_steps: must be an integer in [0, 256] (0: autoregressive), got {k!r}")
         task_defaults(mode).replace(**settings.get("sampling", {}))  # validates the overrides
         return settings
+
+
+def _public(turn: dict) -> dict:
+    """A turn as callers see it: the exact token ids in its meta are the model's business."""
+    return {**turn, "meta": {k: v for k, v in turn["meta"].items() if k != "answer_ids"}}
 
 
 def _check_user(user) -> str:

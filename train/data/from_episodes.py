@@ -45,6 +45,7 @@ import json
 import os
 import sys
 
+from train import common
 from train.data import format as fmt
 from train.data.vision import DEFAULT_IMAGE_AREA
 
@@ -167,14 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--all-starts", action="store_true")
     p.add_argument("--records-per-shard", type=int, default=1000)
     a = p.parse_args(argv)
-    try:
-        summary = convert(a.dir, a.out, a.task, vision_tokenizer=a.vision_tokenizer, image_area=a.image_area,
-                          raw_images=a.raw_images, all_starts=a.all_starts, records_per_shard=a.records_per_shard)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return common.print_summary(lambda: convert(
+        a.dir, a.out, a.task, vision_tokenizer=a.vision_tokenizer, image_area=a.image_area,
+        raw_images=a.raw_images, all_starts=a.all_starts, records_per_shard=a.records_per_shard))
 
 
 if __name__ == "__main__":

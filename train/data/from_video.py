@@ -26,12 +26,12 @@ decode is an error naming it, with exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass
 
+from train import common
 from train.data import format as fmt
 from train.data.vision import DEFAULT_IMAGE_AREA
 
@@ -263,16 +263,10 @@ def main(argv=None) -> int:
     p.add_argument("--raw-images", action="store_true")
     p.add_argument("--asr-model", default="small", help="faster-whisper model name (used without --transcript)")
     a = p.parse_args(argv)
-    try:
-        summary = convert(a.video, a.out, transcript=a.transcript, keyframe_every=a.keyframe_every,
-                          cut_threshold=a.cut_threshold, hist_threshold=a.hist_threshold, min_scene=a.min_scene,
-                          max_keyframes=a.max_keyframes, vision_tokenizer=a.vision_tokenizer,
-                          image_area=a.image_area, raw_images=a.raw_images, asr_model=a.asr_model)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return common.print_summary(lambda: convert(
+        a.video, a.out, transcript=a.transcript, keyframe_every=a.keyframe_every, cut_threshold=a.cut_threshold,
+        hist_threshold=a.hist_threshold, min_scene=a.min_scene, max_keyframes=a.max_keyframes,
+        vision_tokenizer=a.vision_tokenizer, image_area=a.image_area, raw_images=a.raw_images, asr_model=a.asr_model))
 
 
 if __name__ == "__main__":

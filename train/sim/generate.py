@@ -18,10 +18,10 @@ Ends with a one-line JSON summary; a bad input is `error: ...` on stderr and exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from train import common
 from train.sim.common import FrameWriter, check_episodes, check_split, episode_rng
 
 SIMS = ("doom", "panda", "crafter")
@@ -148,13 +148,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    try:
-        summary = generate(a.sim, a.out, a.episodes, a.seed, a.split, a.scenario, a.wad, a.map_name, a.steps)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return common.print_summary(
+        lambda: generate(a.sim, a.out, a.episodes, a.seed, a.split, a.scenario, a.wad, a.map_name, a.steps))
 
 
 if __name__ == "__main__":
