@@ -56,6 +56,30 @@ def test_ibq_overfits_one_batch(tmp_path, images):
     assert rec[-1] < 0.85 * rec[0] and max(rec[-5:]) < min(rec[:5]), rec
 
 
+def test_ibq_cosine_quantizer_trains_the_same_rule_inference_uses(tmp_path, images):
+    """The cosine quantizer: rows stay unit-length, unused rows are re-seeded at each restart, the loss
+    falls on a repeated batch, and the saved tokenizer's encode -> decode equals the training forward."""
+    from model.vision_tokenizer import load_ibq
+
+    cfg = _cfg(tmp_path, images, "cos", steps=30, batch_size=2, lr=2e-3, min_lr=2e-3, warmup_steps=0,
+               save_every=30, disc_weight=0.0, entropy_weight=0.0, quantizer="cosine", restart_every=10,
+               repeat_first_batch=True)
+    entries = tokenizer_ibq.main(cfg)
+    assert entries[9]["restarted"] > 0  # most of the 512 debug codes are unused after 10 steps
+    assert entries[-1]["loss"] < 0.7 * entries[0]["loss"]
+    ibq = load_ibq(common.latest_checkpoint(cfg.out_dir))
+    norms = ibq.quantize.embedding.weight.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    x = tokenizer_ibq.batch_for_step(tokenizer_ibq.image_files([images]), 1, cfg, __import__(
+        "train.distributed", fromlist=["DistInfo"]).DistInfo())
+    with torch.no_grad():
+        recon, _, _, codes, _ = tokenizer_ibq.TrainForward(ibq, 0.01, "cosine")(x)
+    assert torch.equal(ibq.encode(x), codes)
+    assert torch.allclose(ibq.decode(codes), recon.clamp(-1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="quantizer"):
+        tokenizer_ibq.main(dataclasses.replace(cfg, quantizer="nearest", out_dir=str(tmp_path / "bad")))
+
+
 def test_ibq_checkpoint_reloads_and_resume_continues(tmp_path, images):
     from model.vision_tokenizer import load_ibq
 

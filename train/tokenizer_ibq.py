@@ -11,6 +11,15 @@ each is upscaled if its short side is under `resolution`, randomly cropped to re
 randomly flipped. A checkpoint's model files are a `save_ibq` folder (`load_ibq` reads it); the
 discriminator lives in trainer_state.pt.
 
+Quantizer training (`quantizer`): "index_propagation" is IBQ's own (straight-through through the softmax
+of the code logits). With few CPU steps it collapsed here: the softmax over 2,048 codes stays near flat, so
+the encoder gets almost no reconstruction gradient and the decoder learns to ignore the codes. "cosine"
+trains the same inference rule (code = argmax of z·e) with unit-length codebook rows, renormalised after
+every step, so the argmax is the cosine-nearest row: the decoder's gradient passes straight to the
+(normalised) encoder output, the codebook and commitment losses pull rows and outputs together, and every
+`restart_every` steps the rows no position chose since the last restart are re-seeded from this batch's
+encoder outputs. The saved codebook is unit-length, so `IBQ.encode` / `decode` are unchanged.
+
 Optimizers: AdamW with SPEC §7's betas, eps and clipping; lr 1e-4 and no weight decay by default (a conv
 autoencoder with a GAN is not a transformer; the tokenizer's values are not given by the paper).
 """
@@ -53,6 +62,8 @@ class IBQTrainConfig:
     quant_weight: float = 1.0
     perceptual_weight: float = 1.0
     entropy_weight: float = 0.05
+    quantizer: str = "index_propagation"  # or "cosine" (see the module docstring)
+    restart_every: int = 50  # cosine: steps between dead-code restarts (0 = never)
     entropy_temperature: float = 0.01
     disc_weight: float = 0.1
     disc_start: int = 500  # steps before the adversarial loss switches on
@@ -133,19 +144,62 @@ def batch_for_step(files: list[str], step: int, cfg: IBQTrainConfig, info: D.Dis
 
 class TrainForward(nn.Module):
     """The generator side of one step as one module, so FSDP2 gathers the tokenizer's parameters once:
-    images (B, 3, H, W) -> reconstruction (B, 3, H, W), quantization loss, entropy loss. The entropy is
-    computed here so the (B, h, w, N) code logits never leave the module."""
+    images (B, 3, H, W) -> reconstruction (B, 3, H, W), quantization loss, entropy loss, codes (B, h, w),
+    normalised encoder outputs (B*h*w, D) or None. The entropy is computed here so the (B, h, w, N) code
+    logits never leave the module."""
 
-    def __init__(self, ibq, entropy_temperature: float):
+    def __init__(self, ibq, entropy_temperature: float, quantizer: str = "index_propagation"):
         super().__init__()
         self.ibq = ibq
         self.entropy_temperature = entropy_temperature
+        self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor):
         z = self.ibq.quant_conv(self.ibq.encoder(x))  # (B, D, h, w)
-        z_q, _, qloss = self.ibq.quantize(z)
-        entropy = entropy_loss(self.ibq.quantize.logits(z), self.entropy_temperature)  # logits (B, h, w, N)
-        return self.ibq.decoder(self.ibq.post_quant_conv(z_q)), qloss, entropy
+        q = self.ibq.quantize
+        if self.quantizer == "cosine":
+            z = F.normalize(z, dim=1)
+            logits = q.logits(z)  # rows are unit-length: argmax = cosine-nearest row
+            codes = logits.argmax(-1)
+            e = q.lookup(codes)
+            qloss = q.beta * F.mse_loss(z, e.detach()) + F.mse_loss(e, z.detach())
+            z_q = z + (e - z).detach()
+            flat = z.detach().permute(0, 2, 3, 1).flatten(0, 2)
+        else:
+            z_q, codes, qloss = q(z)
+            logits, flat = q.logits(z), None
+        entropy = entropy_loss(logits, self.entropy_temperature)  # logits (B, h, w, N)
+        return self.ibq.decoder(self.ibq.post_quant_conv(z_q)), qloss, entropy, codes, flat
+
+
+class CodebookKeeper:
+    """For the cosine quantizer: keeps the codebook rows unit-length and re-seeds rows unused since the
+    last restart from random encoder outputs of the current batch (plus a little noise)."""
+
+    def __init__(self, embedding: torch.Tensor, restart_every: int, seed: int):
+        self.weight = embedding
+        self.restart_every = restart_every
+        self.used = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+        self.g = torch.Generator(device="cpu").manual_seed(seed)
+        self.restarted = 0
+        self.normalise()
+
+    @torch.no_grad()
+    def normalise(self) -> None:
+        self.weight.copy_(F.normalize(self.weight.float(), dim=1).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def after_step(self, step: int, codes: torch.Tensor, flat: torch.Tensor) -> None:
+        self.used[codes.flatten()] = True
+        if self.restart_every and step % self.restart_every == 0:
+            dead = (~self.used).nonzero().flatten()
+            if len(dead):
+                pick = torch.randint(0, flat.shape[0], (len(dead),), generator=self.g).to(flat.device)
+                noise = torch.randn(len(dead), flat.shape[1], generator=self.g).to(flat.device) * 0.05
+                self.weight[dead] = (flat[pick] + noise).to(self.weight.dtype)
+            self.restarted = len(dead)
+            self.used.zero_()
+        self.normalise()
 
 
 def main(cfg: IBQTrainConfig) -> list[dict]:
@@ -171,7 +225,9 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
         state = common.load_state(resume_dir) if resume_dir else None
         if state:
             disc.load_state_dict(state["discriminator"])
-        gen = TrainForward(ibq.to(device).train(), cfg.entropy_temperature)
+        if cfg.quantizer not in ("index_propagation", "cosine"):
+            raise ValueError(f"quantizer: must be 'index_propagation' or 'cosine', got {cfg.quantizer!r}")
+        gen = TrainForward(ibq.to(device).train(), cfg.entropy_temperature, cfg.quantizer)
         disc.to(device).train()
         D.shard(gen, [], info)
         D.shard(disc, [], info)
@@ -194,12 +250,17 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
         if start >= cfg.steps:
             return []
         first = batch_for_step(files, 1, cfg, info) if cfg.repeat_first_batch else None
+        keeper = None
+        if cfg.quantizer == "cosine":
+            if info.world_size > 1:
+                raise ValueError("quantizer: 'cosine' keeps its codebook on one process; run it without torchrun")
+            keeper = CodebookKeeper(ibq.quantize.embedding.weight, cfg.restart_every, cfg.seed + start)
 
         def step_fn(step: int) -> dict:
             x = (first if first is not None else batch_for_step(files, step, cfg, info)).to(device)
             adversarial = step > cfg.disc_start and cfg.disc_weight > 0
             with common.autocast(device, amp):
-                recon, qloss, ent = gen(x)
+                recon, qloss, ent, codes, flat = gen(x)
                 rec = (recon.float() - x).abs().mean()
                 perc = structure_loss(recon, x)
                 g_adv = hinge_g_loss(disc(recon).float()) if adversarial else recon.new_zeros(()).float()
@@ -213,9 +274,14 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
             common.set_lr(opt_g, lr)
             common.set_lr(opt_d, lr)
             opt_g.step()
+            if keeper is not None:
+                keeper.after_step(step, codes, flat)
             opt_d.zero_grad(set_to_none=True)  # the generator's backward reached the discriminator too
-            with torch.set_grad_enabled(adversarial), common.autocast(device, amp):
-                d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+            if cfg.disc_weight > 0:
+                with torch.set_grad_enabled(adversarial), common.autocast(device, amp):
+                    d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+            else:
+                d_loss = rec.new_zeros(()).float()
             if adversarial:
                 d_loss.backward()
                 common.clip_grad_norm(disc.parameters(), cfg.grad_clip)
@@ -230,6 +296,9 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
             out = {k: float(v) for k, v in zip(names, parts)}
             if not adversarial:
                 out.pop("loss_g_adv")
+            if keeper is not None:
+                out["codes_in_batch"] = int(codes.unique().numel())
+                out["restarted"] = keeper.restarted
             return {**out, "lr": lr, "grad_norm": round(grad_norm, 4)}
 
         def save_fn(step: int) -> None:
