@@ -77,6 +77,30 @@ def test_chat_ids_equal_the_whole_prompt_string_encoded(bpe):
     assert all(w == 0 for w in enc.weights[:start]) and all(w == 1 for w in enc.weights[start:])
 
 
+def test_multi_turn_record_equals_the_engine_layout_and_masks_user_turns(bpe):
+    from worldsim.modes import Layout
+
+    v = bpe.vocab
+    grids = [_codes(2, 3, seed=s) for s in range(3)]
+    rec = fmt.record("explore", [fmt.text("The camera pans left."), fmt.image_codes(grids[1])], "turn left",
+                     [fmt.image_codes(grids[0])],
+                     turns=[("move forward", [], [fmt.text("The camera pushes forward."), fmt.image_codes(grids[2])])])
+    enc = fmt.encode_record(rec, bpe, mode="sft", visual_weight=1.0)
+    seg = lambda t, i: [{"type": "text", "text": t}, {"type": "image", "image": i}]  # noqa: E731
+    turns = [{"kind": "prompt", "input": {"text": "turn left", "images": [0]}, "output": seg("The camera pans left.", 1)},
+             {"kind": "instruction", "input": {"text": "move forward"}, "output": seg("The camera pushes forward.", 2)}]
+    layout = Layout(bpe, lambda i: v.image_ids(grids[i]))
+    engine_ids = [t for piece in layout.turn_pieces("explore", turns, conditional=True) for t in piece]
+    assert enc.ids == engine_ids + [v.answer_end, v.eos]
+    # sft: the follow-up's user text is not a target; its answer, the closing <extra_101> and EOS are
+    second = enc.ids.index(v.answer_start, enc.ids.index(v.answer_start) + 1)
+    first_end = enc.ids.index(v.answer_end)
+    assert enc.weights[first_end] == 1 and all(w == 0 for w in enc.weights[first_end + 1:second + 1])
+    assert all(w == 1 for w in enc.weights[second + 1:])
+    with pytest.raises(ValueError, match=r"turns\[0\]"):
+        fmt.validate_record({**rec, "turns": [{"question": "x"}]})
+
+
 def test_x2i_puts_images_first_and_howto_adds_its_sentence(bpe):
     im = fmt.image_codes(_codes(1, 1))
     x2i = fmt.encode_record(fmt.record("x2i", [im], "make it red", [im]), bpe, mode="sft", visual_weight=1.0)

@@ -66,7 +66,8 @@ def corpus(cfg: BPEConfig) -> list[str]:
     if cfg.shards:
         for path in shard_paths(cfg.shards):
             for rec in read_shard(path):
-                parts = [rec["question"]] + [s["text"] for s in rec["answer"] if "text" in s]
+                parts = [p for t in [rec, *rec.get("turns", [])]
+                         for p in [t["question"]] + [s["text"] for s in t["answer"] if "text" in s]]
                 texts.append(" ".join(p for p in parts if p))
     if cfg.include_builtin:
         texts += builtin_corpus()

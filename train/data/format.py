@@ -6,7 +6,9 @@ Shard layout, version 1: a UTF-8 JSON-lines file `*.jsonl`.
   `codebook_size` is the IBQ codebook the stored code grids come from (null when the shard holds no
   codes); `num_records` lets a truncated file be told apart from a short one.
 - lines 2..N+1, one record each:
-  `{"task": TASK, "question": str, "images": [IMAGE, ...], "answer": [SEGMENT, ...]}`
+  `{"task": TASK, "question": str, "images": [IMAGE, ...], "answer": [SEGMENT, ...]}`, optionally with
+  `"turns": [{"question": str, "images": [IMAGE, ...], "answer": [SEGMENT, ...]}, ...]`: follow-up
+  user turns in the session engine's layout (worldsim/modes.py), for chat records only.
   TASK is one of `t2i x2i howto story explore vla` (chat records, written with SPEC §2's prompt
   template) or `interleaved` (a plain document: `BOS answer-segments EOS`; `question` and `images`
   must be empty; this is what video-interleaved pretraining data is).
@@ -18,13 +20,14 @@ Shard layout, version 1: a UTF-8 JSON-lines file `*.jsonl`.
 
 A chat record becomes ids as
 `<BOS>You are a helpful assistant for {task} task.[ Please generate ...] USER: {question}{images} ASSISTANT: <extra_100>`
-then the answer segments, `<extra_101>`, `<EOS>`. Adjacent text is joined before it is tokenized and
+then the answer segments, each follow-up turn as
+`<extra_101> USER: {question}{images} ASSISTANT: <extra_100>{answer}`, then `<extra_101>`, `<EOS>`. Adjacent text is joined before it is tokenized and
 user text is never parsed for special tokens, so the ids equal those of the whole prompt string
 encoded at inference (special tokens split the text there too).
 
 Loss weights, one per token, are the weight of that token as a prediction target:
 - `pretrain`: every token 1.0, visual codes `visual_weight` (0.5 in SPEC §7);
-- `sft`: only the answer (its segments, `<extra_101>` and `<EOS>`) is loss-bearing, visual codes
+- `sft`: only the answers (their segments, each `<extra_101>`, and `<EOS>`) are loss-bearing, visual codes
   `visual_weight` (1.0); for `interleaved` records the whole document after BOS is the answer.
 "Visual" means the code ids only; the image header, row breaks and BOI/EOI count as text. BOS has
 weight 0 in both modes, so a packed row never asks one document to predict the next one's start.
@@ -60,12 +63,25 @@ def image_path(path: str) -> dict:
     return {"image": {"path": path}}
 
 
-def record(task: str, answer: list[dict], question: str = "", images: list[dict] | None = None) -> dict:
-    """Build and validate one record (`images`: IMAGE dicts, or image segments as made above)."""
-    images = [im["image"] if "image" in im else im for im in (images or [])]
-    rec = {"task": task, "question": question, "images": images, "answer": answer}
+def _images(images) -> list[dict]:
+    return [im["image"] if "image" in im else im for im in (images or [])]
+
+
+def record(task: str, answer: list[dict], question: str = "", images: list[dict] | None = None,
+           turns: list[tuple] | None = None) -> dict:
+    """Build and validate one record (`images`: IMAGE dicts, or image segments as made above;
+    `turns`: follow-ups as (question, images, answer) tuples)."""
+    rec = {"task": task, "question": question, "images": _images(images), "answer": answer}
+    if turns:
+        rec["turns"] = [{"question": q, "images": _images(ims), "answer": a} for q, ims, a in turns]
     validate_record(rec)
     return rec
+
+
+def record_images(rec: dict) -> list[dict]:
+    """Every IMAGE of a record: prompts' and answers', the follow-up turns' included."""
+    return [im for t in [rec, *rec.get("turns", [])]
+            for im in [*t.get("images", []), *(s["image"] for s in t["answer"] if "image" in s)]]
 
 
 def _check_image(im, where: str) -> None:
@@ -89,12 +105,23 @@ def validate_record(rec, where: str = "record") -> None:
     """ValueError naming the field when `rec` does not follow the layout in the module docstring."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: must be a JSON object, got {type(rec).__name__}")
-    unknown = sorted(set(rec) - {"task", "question", "images", "answer"})
+    unknown = sorted(set(rec) - {"task", "question", "images", "answer", "turns"})
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: task, question, images, answer")
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: task, question, images, answer, turns")
     task = rec.get("task")
     if task not in TASKS + (INTERLEAVED,):
         raise ValueError(f"{where}: task must be one of {list(TASKS) + [INTERLEAVED]}, got {task!r}")
+    turns = rec.get("turns", [])
+    if not isinstance(turns, list) or (turns and task == INTERLEAVED):
+        raise ValueError(f"{where}: turns must be a list (and only chat records have turns)")
+    _validate_turn(rec, task, where)
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or sorted(t) != ["answer", "images", "question"]:
+            raise ValueError(f"{where}: turns[{i}] must be {{'question', 'images', 'answer'}}")
+        _validate_turn(t, task, f"{where}: turns[{i}]")
+
+
+def _validate_turn(rec: dict, task: str, where: str) -> None:
     question, images, answer = rec.get("question", ""), rec.get("images", []), rec.get("answer")
     if not isinstance(question, str):
         raise ValueError(f"{where}: question must be a string")
@@ -170,7 +197,7 @@ def read_shard(path: str) -> Iterator[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"shard: {path} is corrupt at line {lineno} ({e})") from None
             validate_record(rec, f"shard: {path} line {lineno}")
-            for im in [*rec.get("images", []), *(s["image"] for s in rec["answer"] if "image" in s)]:
+            for im in record_images(rec):
                 if "path" in im and not os.path.isabs(im["path"]):
                     im["path"] = os.path.join(base, im["path"])
             count += 1
@@ -286,22 +313,34 @@ def encode_record(rec: dict, tokenizer, *, mode: str, visual_weight: float,
         return Encoded(b.ids, b.weights, (start, len(b.ids)))
     b.weight = prompt_weight
     b.text(prompt_prefix(task))
-    if task == "x2i":
-        for im in rec["images"]:
-            b.image(im)
-        b.text(rec["question"])
-    else:
-        b.text(rec["question"])
-        for im in rec["images"]:
-            b.image(im)
-    b.text(" ASSISTANT: ")
-    b.special(v.answer_start)
+    _user(b, task, rec)
     b.weight = 1.0
     start = len(b.ids)
     b.segments(rec["answer"])
+    for t in rec.get("turns", []):
+        b.special(v.answer_end)
+        b.weight = prompt_weight
+        b.text(" USER: ")
+        _user(b, task, t)
+        b.weight = 1.0
+        b.segments(t["answer"])
     b.special(v.answer_end)
     b.special(v.eos)
     return Encoded(b.ids, b.weights, (start, len(b.ids)))
+
+
+def _user(b: _Builder, task: str, turn: dict) -> None:
+    """{question}{images} ASSISTANT: <extra_100> (x2i: images first), at the builder's weight."""
+    if task == "x2i":
+        for im in turn["images"]:
+            b.image(im)
+        b.text(turn["question"])
+    else:
+        b.text(turn["question"])
+        for im in turn["images"]:
+            b.image(im)
+    b.text(" ASSISTANT: ")
+    b.special(b.vocab.answer_start)
 
 
 def write_shards(out_dir: str, records: list[dict], *, codebook_size: int | None, source: str = "",

@@ -207,8 +207,10 @@ def episode(world: dict, seed: int, num_steps: int, warmup: int = 0) -> tuple[li
 def records(frames_rel: list[str], actions: list[str], world_name: str, rng: np.random.Generator,
             chunk: int = 4) -> list[dict]:
     """Shard records of one recorded episode (see module docstring for the sentences):
-    free exploration in chunks of `chunk` steps (start image -> narration, frame, ...), interactive
-    steps (instruction + current view -> narration, next view), and a few t2i/x2i."""
+    free exploration in chunks of `chunk` steps (start image -> narration, frame, ...), the same chunks
+    as multi-turn sessions (current view + first instruction, then one instruction per follow-up turn,
+    each answered with narration and the next view), single interactive steps (instruction + current
+    view -> narration, next view), and a few t2i/x2i."""
     from train.data import format as fmt
 
     img = lambda rel: {"path": rel}  # noqa: E731
@@ -219,6 +221,10 @@ def records(frames_rel: list[str], actions: list[str], world_name: str, rng: np.
         for k, a in enumerate(acts):
             answer += [fmt.text(NARRATION[a]), {"image": img(frames_rel[s + k + 1])}]
         out.append(fmt.record("explore", answer, "Explore this place.", [img(frames_rel[s])]))
+    for s in range(0, len(actions), chunk):  # the engine's step-by-step layout: one instruction per turn
+        step = lambda k: [fmt.text(NARRATION[actions[k]]), {"image": img(frames_rel[k + 1])}]  # noqa: E731
+        follow = [(actions[k], [], step(k)) for k in range(s + 1, min(s + chunk, len(actions)))]
+        out.append(fmt.record("explore", step(s), actions[s], [img(frames_rel[s])], turns=follow))
     for k, a in enumerate(actions):
         out.append(fmt.record("explore", [fmt.text(NARRATION[a]), {"image": img(frames_rel[k + 1])}], a,
                               [img(frames_rel[k])]))
