@@ -1,13 +1,15 @@
-"""Evaluation of a world model against the simulators it was trained on (issue 5; DESIGN "the simulator is
-also the ground truth"). Prints JSON metrics.
+"""Evaluation of a world model (issue 5) and of the video decoder (issue 8) against the simulators they
+were trained on (DESIGN "the simulator is also the ground truth"). Prints JSON metrics.
 
-    python -m train.evaluate --task {explore,manipulate,guide,story} [--checkpoint DIR]
+    python -m train.evaluate --task {explore,manipulate,guide,story,video} [--checkpoint DIR]
         [--scenario NAME_OR_CFG | --wad FILE --map MAP] [--episodes N] [--seed S] [--steps K]
-        [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--context C] [--json]
+        [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--context C]
+        [--sims vizdoom,crafter,pybullet] [--json]
 
 Held-out by construction: episode seeds are `seed + HELDOUT_SEED_OFFSET` of each simulator, PyBullet uses
 the held-out colour set, and ViZDoom runs the training scenarios (new seeds) unless --scenario / --wad
---map names another world (e.g. an unseen freedoom level). `--checkpoint` defaults to assets/demo.
+--map names another world (e.g. an unseen freedoom level). `--checkpoint` defaults to assets/demo; for
+--task video it names a video decoder folder instead (default: worldsim.video.find_video_decoder()).
 
 Images: engine frames are resized (bicubic, SPEC §4) to the model's image size (`--image-area`, the area
 used in training) and every PSNR is computed there, on decoded pixels against those frames.
@@ -29,9 +31,27 @@ used in training) and every PSNR is computed there, on decoded pixels against th
 - story (Crafter): the model tells the story of a held-out episode from its first frame; beats are
   compared with the episode's events: `event_recall` (true events told), `beat_precision` (told beats
   that happened), `agreement` (their F1), `valid_beat_fraction` (beats that are known event sentences).
+- video (the video decoder; the world model is not loaded): `--episodes` continuous held-out clips per
+  simulator in `--sims`, each as long as the decoder's training clips (num_frames in its
+  video_decoder.json). The decoder in-betweens each clip from its first and last frame
+  (train.video_decoder.evaluate_video): `model_psnr` (its in-between frames against the simulator's),
+  `baseline_psnr` (the linear cross-fade of the two keyframes), `few_step_speedup` /
+  `few_step_psnr_drop` (the few-step decoder against the many-step one), overall (pooled over all
+  clips) and in `per_sim`. The clips:
+  vizdoom: the explore task's random walk (doom.policy, `doom.TICS` tics a frame) from a held-out seed,
+    after 0-39 unrecorded steps; a clip in which the player dies or the episode restarts is a cut, not a
+    trajectory, so it is redrawn with the next seed (`redrawn_clips`).
+  crafter: the player walking in runs of one direction (one tile a frame; a blocked move only turns
+    it), in a world of a held-out seed, after 0-19 unrecorded moves; a death redraws as above.
+  pybullet: panda.episode keeps only the frame at each subtask's end (and one per arm move), too far
+    apart for in-betweening, so the clip drives PandaWorld itself: in a held-out-colour scene the arm
+    grasps a cube, then carries it to above the pad along a straight line of num_frames - 1 IK targets,
+    each reached with physics steps and rendered (real frames of one continuous motion, nothing
+    interpolated).
 
 Bad input (an unknown scenario, a wad without the map, a tokenizer whose codebook does not match the
-model, --episodes 0, a missing checkpoint) prints `error: ...` (and {"error": ...} with --json), exit 2.
+model, --episodes 0, a missing checkpoint, a --task video checkpoint that is no video decoder, an unknown
+--sims name) prints `error: ...` (and {"error": ...} with --json), exit 2.
 """
 
 from __future__ import annotations
@@ -44,7 +64,8 @@ import sys
 import numpy as np
 import torch
 
-TASKS = ("explore", "manipulate", "guide", "story")
+TASKS = ("explore", "manipulate", "guide", "story", "video")
+VIDEO_SIMS = ("vizdoom", "crafter", "pybullet")
 SAMPLERS = ("ar", "dida")
 DEFAULT_IMAGE_AREA = 96 * 96
 
@@ -322,11 +343,161 @@ def story(ev: Evaluator, episodes: int, seed: int) -> dict:
             "valid_beat_fraction": round(known / max(1, told), 3), "num_beats": told, "num_events": rec_total}
 
 
+# ------------------------------------------------------------------------------------ video decoder
+
+def video_checkpoint(checkpoint: str | None) -> str:
+    """The video decoder folder --task video evaluates: `checkpoint`, else what the engine would use."""
+    from model.video_sampling import is_video_decoder
+    from worldsim.video import find_video_decoder
+
+    train_hint = "python -m train.video_decoder --recipe small_cpu --out runs/video"
+    if checkpoint:
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"checkpoint: {checkpoint} is not a folder")
+        if not is_video_decoder(checkpoint):
+            raise ValueError(f"checkpoint: {checkpoint} is not a video decoder folder (no video_decoder.json); "
+                             "--task video takes one, e.g. RUN/checkpoints/step_N of train.video_decoder")
+        return checkpoint
+    found = find_video_decoder()
+    if found is None:
+        raise ValueError("checkpoint: no video decoder found (assets/video_decoder is not shipped and "
+                         f"$WORLDSIM_VIDEO_DECODER is unset); pass --checkpoint DIR or train one: {train_hint}")
+    return found
+
+
+def doom_clip(world: dict, seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
+    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding), or None when the
+    player dies or the episode ends inside the recorded frames (the engine restarts: a cut)."""
+    from train.sim import doom
+
+    acts = doom.policy(np.random.default_rng([seed, 7]), warmup + num_frames - 1)
+    w = doom.DoomWorld(world, seed)
+    try:
+        for a in acts[:warmup]:
+            w.step(a)
+        frames, t = [w.frame()], w.game.get_episode_time()
+        for a in acts[warmup:]:
+            frames.append(w.step(a))
+            if w.game.get_episode_time() <= t:  # restarted
+                return None
+            t = w.game.get_episode_time()
+        return np.stack(frames)
+    finally:
+        w.close()
+
+
+def crafter_clip(seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
+    """(num_frames, 128, 128, 3) uint8 of the player walking in runs of 2-4 moves one way, after `warmup`
+    moves; None when the player died."""
+    from train.sim import craft
+
+    rng = np.random.default_rng([seed, 17])
+    moves = []
+    while len(moves) < warmup + num_frames - 1:
+        moves += [list(craft.MOVES)[int(rng.integers(len(craft.MOVES)))]] * int(rng.integers(2, 5))
+    ag = craft.Agent(seed)
+    for m in moves[:warmup]:
+        ag.act(m)
+    frames = [ag.obs.copy()]
+    for m in moves[warmup:warmup + num_frames - 1]:
+        ag.act(m)
+        frames.append(ag.obs.copy())
+    return None if ag.dead else np.stack(frames)
+
+
+def panda_clip(seed: int, num_frames: int) -> np.ndarray:
+    """(num_frames, 128, 128, 3) uint8: in a held-out-colour scene the arm grasps a cube (not recorded),
+    then carries it to 12 cm above the pad through num_frames - 1 evenly spaced IK targets, rendered at
+    each (see the module docstring for why not panda.episode)."""
+    from train.sim import panda
+
+    w = panda.PandaWorld(np.random.default_rng([seed, 23]), panda.HELDOUT_COLOURS)
+    try:
+        cube, pad = w.cubes[list(w.cubes)[0]], w.pads[list(w.pads)[0]]
+        w.move(w.pos(cube) + [0, 0, 0.12], fingers=0.04, record=False)
+        w.move(w.pos(cube), steps=160, fingers=0.04, record=False)
+        w.close_on(cube)
+        start, goal = w.ee(), w.pos(pad) + [0, 0, panda.CUBE / 2 + 0.12]
+        frames = [w.render()[0]]
+        for i in range(1, num_frames):
+            w.move(start + (goal - start) * i / (num_frames - 1), steps=60, pieces=1, record=False)
+            frames.append(w.render()[0])
+        return np.stack(frames)
+    finally:
+        w.close()
+
+
+def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_frames: int,
+                max_tries: int = 8) -> tuple[list[np.ndarray], dict]:
+    """`episodes` held-out clips of `sim` (see the module docstring) and facts about them."""
+    from train.sim import craft, doom, panda
+
+    clips, redrawn = [], 0
+    worlds = [world] if world else [doom.resolve_world(s) for s in doom.TRAIN_SCENARIOS]
+    offset = {"vizdoom": doom, "crafter": craft, "pybullet": panda}[sim].HELDOUT_SEED_OFFSET
+    for i in range(episodes):
+        rng = np.random.default_rng([seed + offset, i])
+        for _ in range(max_tries):
+            s = int(rng.integers(2 ** 31 - 1))
+            if sim == "vizdoom":
+                clip = doom_clip(worlds[i % len(worlds)], s, int(rng.integers(0, 40)), num_frames)
+            elif sim == "crafter":
+                clip = crafter_clip(craft.HELDOUT_SEED_OFFSET + s % craft.HELDOUT_SEED_OFFSET,
+                                    int(rng.integers(0, 20)), num_frames)
+            else:
+                clip = panda_clip(s, num_frames)
+            if clip is not None:
+                break
+            redrawn += 1
+        else:
+            raise ValueError(f"{sim}: {max_tries} clips in a row were cut by a death or restart"
+                             + (f" in {worlds[i % len(worlds)]['name']}" if sim == "vizdoom" else ""))
+        clips.append(clip)
+    facts = {"redrawn_clips": redrawn}
+    if sim == "vizdoom":
+        facts["worlds"] = sorted({w["name"] for w in worlds[:episodes]})
+    return clips, facts
+
+
+def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=VIDEO_SIMS) -> dict:
+    from model.video_sampling import load_settings
+    from train.video_decoder import evaluate_video
+
+    path = video_checkpoint(checkpoint)
+    num_frames = int(load_settings(path).extra.get("num_frames", 12))  # evaluate_video's default span
+    per_sim, shared = {}, {}
+    for sim in sims:
+        clips, facts = video_clips(sim, world, episodes, seed, num_frames)
+        r = evaluate_video(path, clips, span=num_frames, max_clips=len(clips), seed=seed)
+        shared = {k: r.pop(k) for k in ("few_steps", "many_steps", "span", "checkpoint", "teacher")}
+        per_sim[sim] = {**r, **facts}
+    n = sum(r["num_clips"] for r in per_sim.values())
+
+    def pooled(key):  # clip-weighted mean of per-simulator means = the mean over all clips
+        return round(sum(r[key] * r["num_clips"] for r in per_sim.values()) / n, 3)
+
+    few_s, many_s = (sum(r[k] for r in per_sim.values()) for k in ("few_step_seconds", "many_step_seconds"))
+    return {"model_psnr": pooled("model_psnr"), "baseline_psnr": pooled("baseline_psnr"),
+            "few_step_speedup": round(many_s / max(few_s, 1e-9), 3),
+            "few_step_psnr_drop": round(pooled("many_step_psnr") - pooled("few_step_psnr"), 3),
+            "few_step_psnr": pooled("few_step_psnr"), "many_step_psnr": pooled("many_step_psnr"),
+            "num_clips": n, **shared, "per_sim": per_sim}
+
+
+def parse_sims(text: str) -> tuple[str, ...]:
+    sims = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in sims if s not in VIDEO_SIMS]
+    if bad or not sims:
+        raise ValueError(f"sims: must be a comma-separated list of {list(VIDEO_SIMS)}, got {text!r}")
+    return tuple(dict.fromkeys(sims))
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
         map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
-        sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8) -> dict:
+        sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8,
+        sims: str = ",".join(VIDEO_SIMS)) -> dict:
     from train.sim.common import check_episodes
 
     if task not in TASKS:
@@ -337,11 +508,14 @@ def run(task: str, checkpoint: str | None = None, scenario: str | None = None, w
             raise ValueError(f"{name}: must be a positive integer, got {v!r}")
     world = None
     if scenario or wad or map_name:
-        if task != "explore":
-            raise ValueError("scenario/wad/map: only for --task explore")
+        if task not in ("explore", "video"):
+            raise ValueError("scenario/wad/map: only for --task explore or video")
         from train.sim import doom
 
         world = doom.resolve_world(scenario, wad, map_name)  # checked before the model loads
+    if task == "video":
+        out = video(checkpoint, world, episodes, seed, parse_sims(sims))
+        return {"task": task, "episodes": episodes, "seed": seed, **out}
     ev = Evaluator(checkpoint, sampler, dida_steps, image_area, seed)
     if task == "explore":
         out = explore(ev, world, episodes, seed, steps, context, rollout)
@@ -369,6 +543,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="ar", choices=SAMPLERS)
     p.add_argument("--dida-steps", type=int, default=8)
     p.add_argument("--image-area", type=int, default=DEFAULT_IMAGE_AREA)
+    p.add_argument("--sims", default=",".join(VIDEO_SIMS), help="video: simulators to draw clips from")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print compact JSON (default: indented)")
     a = p.parse_args(argv)
@@ -376,7 +551,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     try:
         out = run(a.task, a.checkpoint, a.scenario, a.wad, a.map_name, a.episodes, a.seed, a.steps, a.context,
-                  a.sampler, a.dida_steps, a.image_area, a.rollout)
+                  a.sampler, a.dida_steps, a.image_area, a.rollout, a.sims)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         if a.json:

@@ -480,7 +480,8 @@ def evaluate_video(checkpoint: str, clips, *, span: int | None = None, max_clips
     linear cross-fade of the two keyframes; few_step_*: the few-step decoder (this one when distilled,
     else this one at `few_steps`) against the many-step one (the distilled decoder's teacher - `teacher`,
     else the folder its video_decoder.json names, else this one at teacher_steps or 32 steps), speedup as
-    wall-clock ratio of their sampling and the PSNR they lose. PSNR values are means over clips.
+    wall-clock ratio of their sampling (few_step_seconds / many_step_seconds: the totals over clips, so
+    callers can pool several calls) and the PSNR they lose. PSNR values are means over clips.
     """
     from model.video_sampling import build_conditions, load_video_decoder, sample_video
 
@@ -533,6 +534,7 @@ def evaluate_video(checkpoint: str, clips, *, span: int | None = None, max_clips
             "few_step_speedup": round(times["many"] / max(times["few"], 1e-9), 3),
             "few_step_psnr_drop": round(mean["many"] - mean["few"], 3),
             "few_step_psnr": round(mean["few"], 3), "many_step_psnr": round(mean["many"], 3),
+            "few_step_seconds": round(times["few"], 3), "many_step_seconds": round(times["many"], 3),
             "few_steps": few_n, "many_steps": many_steps, "num_clips": len(arrays), "span": span,
             "checkpoint": checkpoint, "teacher": teacher_dir or "self"}
 

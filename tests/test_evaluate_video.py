@@ -1,0 +1,103 @@
+"""train.evaluate --task video on a tiny random video decoder and short held-out simulator clips: the
+issue's keys, pooling over simulators, the clips themselves, and clear errors for bad checkpoints."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vizdoom")
+pytest.importorskip("pybullet")
+
+from train import evaluate  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+KEYS = ("model_psnr", "baseline_psnr", "few_step_speedup", "few_step_psnr_drop")
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """The debug decoder with its zero-initialised output layers randomised (as tests/test_video_decoder.py
+    builds it), saved as an undistilled folder trained on 8-frame clips."""
+    import torch
+
+    from model.video_decoder import VideoDecoder, video_decoder_preset
+    from model.video_sampling import DecoderSettings, save_video_decoder
+    from model.vision_tokenizer import IBQ, ibq_preset
+
+    torch.manual_seed(1)
+    ibq = IBQ(ibq_preset("debug")).eval()
+    model = VideoDecoder(**video_decoder_preset("debug", ibq.config.embed_dim)).eval()
+    with torch.no_grad():
+        for layer in [model.patch_out, model.ada_out] + [b.ada for b in model.blocks]:
+            layer.weight.normal_(0, 0.05)
+            layer.bias.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("vd") / "decoder"
+    save_video_decoder(str(path), model, ibq, DecoderSettings(frame_size=(32, 32), num_steps=2,
+                                                                 extra={"num_frames": 8}))
+    return str(path)
+
+
+def _run(capsys, argv):
+    rc = evaluate.main(["--task", "video"] + argv + ["--json"])
+    out = capsys.readouterr()
+    return rc, json.loads(out.out.strip().splitlines()[-1]) if out.out.strip() else None, out.err
+
+
+def test_video_keys_and_pooling(decoder, capsys):
+    rc, out, err = _run(capsys, ["--checkpoint", decoder, "--sims", "vizdoom,pybullet", "--episodes", "1",
+                                 "--scenario", "basic"])
+    assert rc == 0, err
+    assert all(math.isfinite(out[k]) for k in KEYS), out
+    assert set(out["per_sim"]) == {"vizdoom", "pybullet"}
+    for figures in out["per_sim"].values():
+        assert all(math.isfinite(figures[k]) for k in KEYS) and figures["num_clips"] == 1
+    assert out["per_sim"]["vizdoom"]["worlds"] == ["basic"]
+    # one clip each: the overall figures are the plain means of the two simulators'
+    both = out["per_sim"].values()
+    assert out["model_psnr"] == pytest.approx(np.mean([f["model_psnr"] for f in both]), abs=1e-3)
+    assert out["baseline_psnr"] == pytest.approx(np.mean([f["baseline_psnr"] for f in both]), abs=1e-3)
+    # undistilled: the few-step run is this decoder at 4 steps, the many-step one at 32
+    assert (out["few_steps"], out["many_steps"], out["span"], out["num_clips"]) == (4, 32, 8, 2)
+    assert out["baseline_psnr"] > out["model_psnr"]  # random weights must not beat a cross-fade
+
+
+def test_clips_are_continuous(monkeypatch):
+    from train.sim import doom
+
+    for sim in ("crafter", "pybullet"):
+        clips, facts = evaluate.video_clips(sim, None, 1, 0, 8)
+        (clip,) = clips
+        assert clip.shape == (8, 128, 128, 3) and clip.dtype == np.uint8
+        assert np.array_equal(clip, evaluate.video_clips(sim, None, 1, 0, 8)[0][0])  # seeded
+        steps = [np.abs(clip[k + 1].astype(int) - clip[k]).mean() for k in range(7)]
+        assert sum(s > 0 for s in steps) >= 5, (sim, steps)  # it moves, frame after frame
+    world = doom.resolve_world("basic")
+    assert evaluate.doom_clip(world, 5, 3, 6).shape == (6, doom.HEIGHT, doom.WIDTH, 3)
+    step = doom.DoomWorld.step
+    calls = []
+
+    def restarting(self, action):  # the engine restarts the episode on the 5th step (as after a death)
+        calls.append(action)
+        if len(calls) == 5:
+            self.game.new_episode()
+        return step(self, action)
+
+    monkeypatch.setattr(doom.DoomWorld, "step", restarting)
+    assert evaluate.doom_clip(world, 5, 3, 6) is None  # a cut is no trajectory
+
+
+def test_bad_checkpoints(decoder, tmp_path, capsys, monkeypatch):
+    import worldsim.video
+
+    rc, out, err = _run(capsys, ["--checkpoint", str(tmp_path / "none")])
+    assert rc == 2 and "checkpoint:" in err and "is not a folder" in out["error"]
+    rc, out, err = _run(capsys, ["--checkpoint", str(tmp_path)])
+    assert rc == 2 and "is not a video decoder folder" in err and "video_decoder.json" in out["error"]
+    monkeypatch.delenv(worldsim.video.ENV, raising=False)
+    monkeypatch.setattr(worldsim.video, "ASSET", str(tmp_path / "no_asset"))
+    rc, out, err = _run(capsys, [])
+    assert rc == 2 and "pass --checkpoint" in err and "python -m train.video_decoder" in out["error"]
+    rc, out, err = _run(capsys, ["--checkpoint", decoder, "--sims", "vizdoom,unreal"])
+    assert rc == 2 and "sims: must be a comma-separated list of" in err
