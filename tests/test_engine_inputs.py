@@ -168,6 +168,8 @@ def test_cli_bad_inputs(world, capsys, tmp_path):
         (["new", "--mode", "vla", "--arm", "Franka Panda", "--goal", "stack", "--steps", "0"], "steps: must be"),
         (["new", "--mode", "vla", "--arm", "Franka Panda", "--goal", "stack", "--steps", "1000"], "steps: must be"),
         (["auto", sid, "--steps", "0"], "steps: must be"),
+        (["replan", sid, "--step", "1", "--subtask", "lift it"], "mode: replan edits a vla"),
+        (["replan", sid, "--step", "1", "--subtask", "lift it", "--user", "bob"], "session_id: no session"),
         (["export", sid, "--format", "pdf", "--out", str(tmp_path / "x.pdf")], "format: unknown 'pdf'"),
     ]
     before = snapshot(eng.store)

@@ -101,6 +101,114 @@ def test_vla_plan_has_n_keyframes(eng, n):
         eng.step("alice", t["session_id"], "next")
 
 
+# ---- vla replan: edit subtask k, plan again from there --------------------------------------------------
+def plan_session(eng, n=3, user="alice"):
+    from engine_helpers import png_image
+
+    t = eng.new(user, "vla", arm="Franka Panda", goal="put the red cube in the bowl", steps=n,
+                images=[png_image(48, 48, seed=1)], settings=SMALL)
+    return t["session_id"]
+
+
+def upto_image(segments, m):
+    """The segments up to and including the m-th image."""
+    ends = [i for i, s in enumerate(segments) if s["type"] == "image"]
+    return segments[:ends[m - 1] + 1] if m else []
+
+
+def replay_plan_fsm(engine_runtime, answer_ids, n):
+    """Advance a fresh FSM with the plan turn's own shape over a whole stored answer: it raises on any
+    id the plan's rules forbid. Returns it, at the end of the answer."""
+    from model.sampling import DecodeFSM
+    from worldsim.modes import turn_shape
+
+    v, shape = engine_runtime.vocab, turn_shape("vla", "prompt", {"steps": n})
+    fsm = DecodeFSM(v, engine_runtime.model.config.vocab_size, image_size=(2, 2), stop_ids=(v.answer_end, v.eos),
+                    min_images=shape.min_images, max_images=shape.max_images,
+                    max_text_tokens=shape.max_text_tokens, min_text_tokens=shape.min_text_tokens)
+    for t in answer_ids:
+        fsm.advance(t)
+    return fsm
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_vla_replan_keeps_the_earlier_steps_exactly(eng, engine_runtime, step):
+    n, edited = 3, "grasp the red cube from above"
+    sid = plan_session(eng, n)
+    before = eng.show("alice", sid)
+    original = eng.store.turns(sid)[0]
+
+    turn = eng.replan("alice", sid, step, f"  {edited} ")
+    new = eng.show("alice", turn["session_id"])
+    assert new["session_id"] != sid and new["parent"] == {"session_id": sid, "seq": -1}
+    assert new["mode"] == "vla" and new["settings"] == before["settings"]
+    assert turn["input"] == original["input"] and turn["kind"] == "prompt"
+    assert turn["meta"]["replanned_from"] == {"session_id": sid, "seq": 0, "step": step}
+    plan, old_plan = new["plan"], before["plan"]
+    assert len(plan) == n and [p["step"] for p in plan] == list(range(1, n + 1))
+    assert [(p["subtask"], p["image"]) for p in plan[:step - 1]] == [(p["subtask"], p["image"]) for p in
+                                                                     old_plan[:step - 1]]
+    assert plan[step - 1]["subtask"] == edited
+    check_segments(turn)
+    assert upto_image(turn["output"], step - 1) == upto_image(original["output"], step - 1)
+
+    # the exact ids: the original's up to the end of keyframe step-1, the edited text, then the keyframe
+    v, tok = engine_runtime.vocab, engine_runtime.tokenizer
+    old_ids, ids = original["meta"]["answer_ids"], eng.store.turns(new["session_id"])[0]["meta"]["answer_ids"]
+    cut = [i for i, t in enumerate(old_ids) if t == v.eoi][step - 2] + 1
+    text = tok.encode(f"Current Step: {edited}", allow_special=False)
+    assert ids[:cut] == old_ids[:cut]
+    assert ids[cut:cut + len(text) + 1] == text + [v.boi]
+    assert turn["meta"]["forced_tokens"] == cut + len(text)
+    fsm = replay_plan_fsm(engine_runtime, ids, n)  # the whole answer obeys the plan's rules
+    assert fsm.images_done == n and fsm.forced() == v.answer_end
+    # new keyframes are stored like any generated image (with their codes) and served to the owner
+    for p in plan[step - 1:]:
+        assert len(eng.store.get_image(p["image"])["codes"]) == 2
+        assert eng.image("alice", p["image"])[:4] == b"\x89PNG"
+
+    assert eng.show("alice", sid) == before  # the original plan is untouched and still there
+    assert {s["session_id"] for s in eng.list("alice")} == {sid, new["session_id"]}
+
+
+def test_vla_replan_from_step_1_keeps_nothing(eng, engine_runtime):
+    sid = plan_session(eng, 2)
+    turn = eng.replan("alice", sid, 1, "open the gripper")
+    plan = eng.show("alice", turn["session_id"])["plan"]
+    assert [p["subtask"] for p in plan][:1] == ["open the gripper"] and len(plan) == 2
+    v = engine_runtime.vocab
+    ids = eng.store.turns(turn["session_id"])[0]["meta"]["answer_ids"]
+    text = engine_runtime.tokenizer.encode("Current Step: open the gripper", allow_special=False)
+    assert ids[:len(text) + 1] == text + [v.boi] and turn["meta"]["forced_tokens"] == len(text)
+    assert replay_plan_fsm(engine_runtime, ids, 2).images_done == 2
+    assert len(eng.show("alice", sid)["plan"]) == 2  # the original is still there
+
+
+def test_vla_replan_refuses_bad_input_and_changes_nothing(eng):
+    from engine_helpers import snapshot
+
+    from worldsim.store import NotFound
+
+    sid = plan_session(eng, 3)
+    walk = eng.new("alice", "explore", prompt="a garden", settings=SMALL)["session_id"]
+    cases = [
+        (lambda: eng.replan("alice", sid, 0, "lift it"), ValueError, r"^step: must be an integer in \[1, 3\].*got 0"),
+        (lambda: eng.replan("alice", sid, 4, "lift it"), ValueError, r"^step: must be an integer in \[1, 3\].*got 4"),
+        (lambda: eng.replan("alice", sid, "2", "lift it"), ValueError, r"^step: .*got '2'"),
+        (lambda: eng.replan("alice", sid, True, "lift it"), ValueError, r"^step:"),
+        (lambda: eng.replan("alice", sid, 2, "  "), ValueError, r"^subtask: must not be empty"),
+        (lambda: eng.replan("alice", sid, 2, None), ValueError, r"^subtask: must not be empty"),
+        (lambda: eng.replan("alice", walk, 1, "lift it"), ValueError, r"^mode: .*; this one is explore"),
+        (lambda: eng.replan("bob", sid, 2, "lift it"), NotFound, r"^session_id: no session .* for user 'bob'"),
+        (lambda: eng.replan("alice", "0" * 32, 2, "lift it"), NotFound, r"^session_id: no session"),
+    ]
+    before = snapshot(eng.store)
+    for call, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            call()
+    assert snapshot(eng.store) == before
+
+
 def test_t2i_turns_are_independent(eng, engine_runtime):
     first = eng.new("alice", "t2i", prompt="a red bicycle", settings=SMALL)
     second = eng.step("alice", first["session_id"], "a blue boat on a lake at night")

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reroll", help="generate a turn again (the last by default)")
     p.add_argument("session")
     p.add_argument("--seq", type=int)
+    p = sub.add_parser("replan", help="edit subtask STEP of a robot plan and plan again from there (a new session)")
+    p.add_argument("session")
+    p.add_argument("--step", type=int, required=True, help="the subtask to edit, 1-based; 1..STEP-1 are kept")
+    p.add_argument("--subtask", required=True, help="its new text")
     p = sub.add_parser("render", help="keyframes to an MP4 (in-betweens by the video decoder, else a slideshow)")
     p.add_argument("session")
     p.add_argument("--out", required=True)
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NEEDS_MODEL = ("new", "step", "auto", "reroll", "worker")
+NEEDS_MODEL = ("new", "step", "auto", "reroll", "replan", "worker")
 
 
 def run(args) -> dict | list:
@@ -132,6 +136,8 @@ def run(args) -> dict | list:
             return engine.branch(user, args.session, args.seq)
         if c == "reroll":
             return engine.reroll(user, args.session, args.seq, timeout=args.timeout)
+        if c == "replan":
+            return engine.replan(user, args.session, args.step, args.subtask, timeout=args.timeout)
         session = engine.show(user, args.session)
         png = lambda h: engine.store.get_image(h)["png"]  # noqa: E731  (owned: it is in the session)
         if c == "render":

@@ -137,6 +137,41 @@ class Engine:
             job = self._submit(user, session_id, "reroll", {"kind": target["kind"], "input": target["input"]})
         return self._finish(user, job, wait, timeout)
 
+    def replan(self, user: str, session_id: str, step: int, subtask: str, wait: bool = True,
+               timeout: float | None = None):
+        """Edit subtask `step` (1-based) of a vla plan and plan again from there.
+
+        The new plan's answer starts with the exact ids of subtasks 1..step-1 (their texts and
+        keyframes copied, not regenerated), then "Current Step: {subtask}" forced; the model draws that
+        subtask's keyframe and plans the rest under the plan's FSM rules (n keyframes in all; see
+        modes.replan_shape). Like re-rolling the opening turn, it goes to a new session (parent: this
+        one, seq -1, title marked) holding one plan turn with the same input, and this session's plan
+        is untouched; the new turn's meta has `replanned_from` {session_id, seq, step}. Returns the
+        committed turn (wait=True) or the job."""
+        user = _check_user(user)
+        session = self.store.get_session(user, session_id)
+        if session["mode"] != "vla":
+            raise ValueError(f"mode: replan edits a vla (robot plan) session; this one is {session['mode']}")
+        n = session["settings"]["steps"]
+        if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= n:
+            raise ValueError(f"step: must be an integer in [1, {n}] (the plan's steps), got {step!r}")
+        subtask = check_text(subtask, "subtask")
+        turns = self.store.turns(session_id)
+        if not turns:
+            raise ValueError("session: it has no plan yet to edit")
+        plan = plan_of(session, turns)
+        if step - 1 > len(plan):  # a plan cut short (stopped, out of room) has fewer keyframes to keep
+            raise ValueError(f"step: the plan has only {len(plan)} keyframe(s), so it can be edited at steps "
+                             f"[1, {len(plan) + 1}], got {step}")
+        target = turns[-1]
+        branch = self.store.create_session(user, "vla", session["settings"], parent=(session_id, -1),
+                                           title=f"{session['title']} (step {step} edited)")
+        job = self._submit(user, branch["session_id"], "replan",
+                           {"kind": target["kind"], "input": target["input"],
+                            "replan": {"session_id": session_id, "seq": target["seq"], "step": step,
+                                       "subtask": subtask}})
+        return self._finish(user, job, wait, timeout)
+
     def undo(self, user: str, session_id: str) -> dict:
         """Remove the last turn."""
         session = self.store.get_session(_check_user(user), session_id)

@@ -19,6 +19,9 @@ Per mode:
   (at most `max_steps` images); the system sentence gets SPEC's howto suffix.
 - vla: question = "Robot Arm Type: {arm}. Instruction: {goal}. Finish the task with {n} steps." plus
   an optional scene image -> exactly n subtasks, each "Current Step: {subtask}" text then a keyframe.
+  A replan (edit subtask k, plan again from there) forces the answer's start: subtasks 1..k-1 as
+  their exact ids, then "Current Step: {edited}"; the model goes on from the keyframe of k
+  (`replan_shape`).
 - t2i: each turn is independent (no history): prompt -> one image.
 - x2i: each turn is independent: 1-3 reference images, placed before the question -> one image.
 
@@ -29,7 +32,7 @@ extended turn by turn), so guidance follows each instruction, not only the first
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MODES = ("explore", "story", "howto", "vla", "t2i", "x2i")
 TURN_KINDS = ("prompt", "instruction", "continue")
@@ -65,6 +68,11 @@ def vla_question(arm: str, goal: str, steps) -> str:
     return f"Robot Arm Type: {arm}. Instruction: {goal}. Finish the task with {steps} steps."
 
 
+def vla_step_text(subtask: str) -> str:
+    """One subtask's text in a plan's answer, as the training data writes it (train/sim/panda.py)."""
+    return f"Current Step: {subtask}"
+
+
 @dataclass(frozen=True)
 class TurnShape:
     """What one turn's answer must look like (enforced by the decoding FSM)."""
@@ -87,6 +95,19 @@ def turn_shape(mode: str, kind: str, settings: dict) -> TurnShape:
     if mode == "story":
         return TurnShape(1, 1, 128)
     return TurnShape(1, 1, 64)  # explore steps, follow-ups, continues
+
+
+def replan_shape(settings: dict, step: int) -> TurnShape:
+    """The rest of a vla plan whose answer is forced up to subtask `step`'s text (subtasks 1..step-1
+    with their keyframes, then "Current Step: {edited}"; the forced ids end the prompt).
+
+    This is the plan turn's FSM resumed exactly where the forced ids leave it: step-1 keyframes are
+    done, so the images still owed and allowed are n-step+1; the edited text is the whole subtask, so
+    its text run is closed and the keyframe opens at once (BOI first, which `start_with_image` forces);
+    every later subtask is text then keyframe under the plan's own text limits."""
+    left = settings["steps"] - step + 1
+    assert 1 <= left <= settings["steps"], (step, settings["steps"])
+    return replace(turn_shape("vla", "prompt", settings), min_images=left, max_images=left, start_with_image=True)
 
 
 def system_text(mode: str, conditional: bool) -> str:

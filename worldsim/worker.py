@@ -1,10 +1,11 @@
 """The model worker: takes jobs from the queue and runs them, one at a time.
 
 A job is one user action on one session ("turn": a prompt, instruction or continue; "auto": N
-continue turns; "reroll": the last turn again with a new seed). It runs under the session's lock,
-streams events while it generates, and commits each finished turn in one SQL transaction stamped with
-the job id. A retried job (its worker died) skips the turns it already committed, so nothing is
-committed twice. `python -m worldsim worker` runs this loop as its own process; the embedded default
+continue turns; "reroll": the last turn again with a new seed; "replan": a vla plan turn whose answer
+starts with ids forced from another session's plan, see `Worker._replan_prefix`). It runs under the
+session's lock, streams events while it generates, and commits each finished turn in one SQL
+transaction stamped with the job id. A retried job (its worker died) skips the turns it already
+committed, so nothing is committed twice. `python -m worldsim worker` runs this loop as its own process; the embedded default
 runs one in a thread of the app.
 """
 
@@ -17,7 +18,7 @@ import threading
 import time
 import traceback
 
-from worldsim.modes import Layout, turn_shape
+from worldsim.modes import Layout, replan_shape, turn_shape, vla_step_text
 
 log = logging.getLogger("worldsim.worker")
 
@@ -123,7 +124,7 @@ class Worker:
     def _drop_if_empty(self, job: dict) -> None:
         """A session whose first turn was refused (e.g. its prompt overflows the context) is removed,
         so a failed `new` leaves nothing behind."""
-        if job["action"] == "turn" and job["payload"].get("kind") == "prompt":
+        if job["action"] in ("turn", "replan") and job["payload"].get("kind") == "prompt":
             try:
                 if self.store.get_session(job["owner"], job["session_id"])["num_turns"] == 0:
                     self.store.delete_session(job["owner"], job["session_id"])
@@ -140,6 +141,8 @@ class Worker:
             plan = [("continue", {}, False)] * payload["steps"]
         elif action == "reroll":
             plan = [(payload["kind"], payload["input"], True)]
+        elif action == "replan":
+            plan = [(payload["kind"], payload["input"], False)]
         else:
             raise ValueError(f"action: unknown {action!r}")
         seqs = list(mine)
@@ -163,7 +166,16 @@ class Worker:
         assert isinstance(params, SamplingParams)
         size = tuple(settings["image_size"]) if settings.get("image_size") else \
             self.runtime.default_image_size(params.image_area)
-        pending = {"kind": kind, "input": turn_input, "output": [], "meta": {}}
+        shape = turn_shape(mode, kind, settings)
+        forced, forced_hashes = [], []  # the answer's start, given rather than generated (a replan's)
+        replan = job["payload"].get("replan") if job["action"] == "replan" else None
+        if replan is not None:
+            forced, forced_hashes = self._replan_prefix(job["owner"], replan, size)
+            shape = replan_shape(settings, replan["step"])
+            self._emit_forced(forced, forced_hashes, emit)
+        # Layout ends the prompt with the pending turn's answer ids: the forced ones go through the
+        # KV cache like the rest of the prompt, and the model goes on after them
+        pending = {"kind": kind, "input": turn_input, "output": [], "meta": {"answer_ids": forced}}
         turns = [pending] if mode in ("t2i", "x2i") else history + [pending]
         seqs = [seq] if mode in ("t2i", "x2i") else [t["seq"] for t in history] + [seq]
         # the same seed on a retry (same turn), a new one per re-roll
@@ -180,26 +192,60 @@ class Worker:
             return self.hot.is_cancelled(job["id"])
 
         result = self.runtime.run_turn(
-            session_id=sid, mode=mode, turns=turns, seqs=seqs, shape=turn_shape(mode, kind, settings),
+            session_id=sid, mode=mode, turns=turns, seqs=seqs, shape=shape,
             params=params, seed=seed, image_size=size, image_ids=lambda h: self._image_ids(h, size),
             on_event=emit, should_stop=should_stop,
             already_dropped=history[-1]["meta"].get("dropped_turns", []) if history and mode not in ("t2i", "x2i") else [],
             dida_steps=settings.get("dida_steps"))
         if result["reason"] == "cancelled":
             raise _Cancelled()
-        hashes = []
+        hashes = list(forced_hashes)
         from worldsim.media import png_bytes
 
         for codes, image in result["images"]:
             digest = self.store.put_image(png_bytes(image), image.width, image.height, codes=codes.tolist())
             hashes.append(digest)
             emit({"type": "image", "image": digest, "height": int(codes.shape[0]), "width": int(codes.shape[1])})
-        output = segments_from_ids(result["ids"], self.runtime.vocab, self.runtime.tokenizer, hashes)
-        answer_ids = [t for t in result["ids"] if t not in (self.runtime.vocab.answer_end, self.runtime.vocab.eos)]
+        ids = forced + result["ids"]
+        output = segments_from_ids(ids, self.runtime.vocab, self.runtime.tokenizer, hashes)
+        answer_ids = [t for t in ids if t not in (self.runtime.vocab.answer_end, self.runtime.vocab.eos)]
         meta = {**result["meta"], "answer_ids": answer_ids}
         if replace:
             meta["rerolled"] = rerolls
+        if replan is not None:
+            meta["replanned_from"] = {k: replan[k] for k in ("session_id", "seq", "step")}
+            meta["forced_tokens"] = len(forced)
         return self.store.commit_turn(sid, seq, kind, turn_input, output, meta, job_id=job["id"], replace=replace)
+
+    def _replan_prefix(self, owner: str, replan: dict, size: tuple[int, int]) -> tuple[list[int], list[str]]:
+        """A replan's forced answer and the hashes of the keyframes in it: the original plan turn's
+        exact ids up to the end of keyframe step-1 (subtasks 1..step-1, texts and keyframes), then the
+        edited "Current Step: {subtask}". The original is read when the job runs, under its owner."""
+        self.store.get_session(owner, replan["session_id"])  # NotFound once it is deleted
+        turn = next((t for t in self.store.turns(replan["session_id"]) if t["seq"] == replan["seq"]), None)
+        if turn is None:
+            raise LookupError(f"seq: the plan turn {replan['seq']} of session {replan['session_id']} is gone")
+        ids = turn["meta"].get("answer_ids")
+        if ids is None:  # a turn stored without its ids: serialize its segments as a layout does
+            layout = Layout(self.runtime.tokenizer, lambda h: self._image_ids(h, size))
+            ids = layout.encode(layout.answer(turn["output"]))
+        keep = replan["step"] - 1
+        ends = [i for i, t in enumerate(ids) if t == self.runtime.vocab.eoi]  # each keyframe's last id
+        hashes = [s["image"] for s in turn["output"] if s["type"] == "image"][:keep]
+        if len(ends) < keep or len(hashes) < keep:
+            raise ValueError(f"step: the plan has only {len(ends)} keyframe(s); cannot keep {keep}")
+        kept = ids[:ends[keep - 1] + 1] if keep else []
+        text = self.runtime.tokenizer.encode(vla_step_text(replan["subtask"]), allow_special=False)
+        return kept + text, hashes
+
+    def _emit_forced(self, ids: list[int], hashes: list[str], emit) -> None:
+        """Stream the forced start of an answer as if it had been generated, so a live view shows it."""
+        for seg in segments_from_ids(ids, self.runtime.vocab, self.runtime.tokenizer, hashes):
+            if seg["type"] == "image":
+                emit({"type": "image_started", "height": seg["height"], "width": seg["width"]})
+                emit({"type": "image", "image": seg["image"], "height": seg["height"], "width": seg["width"]})
+            elif seg["type"] == "text":  # a kept subtask or the edited one
+                emit({"type": "text", "text": seg["text"]})
 
     def _image_ids(self, digest: str, size: tuple[int, int]) -> list[int]:
         """Serialized ids of a stored image: its own codes when the model made it, else the input
