@@ -25,6 +25,7 @@ from app import checks, render
 from app.identity import NoIdentity, user_of
 from app.stream import TERMINAL, Live, follow
 from worldsim import export as wexport
+from worldsim import video as wvideo
 from worldsim.engine import MAX_AUTO_STEPS, JobFailed
 from worldsim.modes import MAX_VLA_STEPS
 from worldsim.store import NotFound
@@ -37,11 +38,10 @@ KEYS = {"explore": ("view", "status", "current", "data", "selector"),
         "guide": ("view", "status", "current", "data"),
         "plan": ("view", "status", "current", "data", "selector"),
         "image": ("view", "status", "current", "data")}
-# Explore's buttons and free text share one path: a button is its canonical sentence (the phrasing
-# the built-in corpus and the demo model's training captions use).
-ACTIONS = {"forward": "The camera pushes forward.", "back": "The camera pulls back.",
-           "turn_left": "The camera pans left.", "turn_right": "The camera pans right.",
-           "strafe_left": "Strafe left.", "strafe_right": "Strafe right."}
+# Explore's buttons and free text share one path: a button sends its instruction sentence, the phrasing
+# of the demo model's step-by-step training sessions (train/sim/doom.ACTIONS).
+ACTIONS = {"forward": "move forward", "back": "move backward", "turn_left": "turn left",
+           "turn_right": "turn right", "strafe_left": "strafe left", "strafe_right": "strafe right"}
 # SPEC §3's t2i aspect presets (h x w tokens at the official 64x64 area); smaller models scale them.
 ASPECTS = {"1:1": (64, 64), "4:3": (55, 73), "3:4": (73, 55), "16:9": (47, 85), "9:16": (85, 47),
            "3:2": (52, 78), "2:3": (78, 52), "21:9": (41, 97)}
@@ -249,7 +249,8 @@ class Handlers:
         return self.pack(tab, status="■ Stopping…" if job["status"] not in TERMINAL else "■ Stopped.")
 
     def render_video(self, tab: str, current, request, progress):
-        """The session's keyframes -> MP4 (a slideshow until the video decoder lands), with gr.Progress."""
+        """The session's keyframes -> MP4 with gr.Progress: in-betweens from the video decoder when one is
+        installed (assets/video_decoder or $WORLDSIM_VIDEO_DECODER), else the slideshow."""
         user = self.user(request)
         s = self.require(user, current, tab, "a session")
         frames = wexport.keyframes(s)
@@ -262,14 +263,16 @@ class Handlers:
         progress((0, len(frames)), desc="Rendering video", unit="keyframes")
         try:
             with user_errors():
-                info = wexport.render_slideshow(
+                info = wvideo.render(
                     s, lambda h: self.engine.image(user, h), tmp, fps=8, seconds_per_image=0.5,
-                    progress=lambda i, n: progress((i, n), desc="Rendering video", unit="keyframes"))
+                    data_dir=os.path.dirname(self.video_dir),
+                    progress=lambda i, n: progress((i, n), desc="Rendering video", unit="frames"))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        return render.video(sid, os.path.getmtime(path)), f"Rendered {info['keyframes']} keyframes to video."
+        return render.video(sid, os.path.getmtime(path)), (f"Rendered {info['keyframes']} keyframes to video"
+                                                       f" ({info['renderer'].replace('_', ' ')}).")
 
     def video_path(self, user: str, session_id: str) -> str:
         return os.path.join(self.video_dir, user, f"{session_id}.mp4")
@@ -398,12 +401,9 @@ class Handlers:
         return ""
 
     def plan_regenerate(self, current, step, subtask, request: gr.Request):
-        """Edit subtask `step` and plan again from there.
-
-        The engine keeps a plan as one turn and has no call that forces part of an answer, so this
-        opens a new plan session (the original stays in Sessions) on the same arm, scene, step count
-        and settings, whose goal carries the kept subtasks 1..step-1 and the edited one; the model
-        plans all steps again conditioned on them."""
+        """Edit subtask `step` and plan again from there (Engine.replan): a new plan session (the
+        original stays in Sessions) whose subtasks 1..step-1 are the original's, texts and keyframes
+        exactly; the edited subtask's keyframe and the later steps are generated anew."""
         user = self.user(request)
         s = self.require(user, current, "plan", "a plan")
         self.idle(user, current)
@@ -411,18 +411,9 @@ class Handlers:
         check(None if step else "subtask: choose the one to edit", checks.integer(step, "step", 1, max(1, len(plan))),
               checks.text(subtask, "subtask", limit=300))
         step = int(step)
-        kept = [p["subtask"][:200] for p in plan[:step - 1]] + [subtask.strip()]
-        cfg = s["settings"]
-        goal = (f"{cfg['goal']} Follow this plan: "
-                + " ".join(f"Step {i + 1}: {t.rstrip('.')}." for i, t in enumerate(kept)))
-        scene = s["turns"][0]["input"].get("images", []) if s["turns"] else []
-        settings = {k: cfg[k] for k in ("seed", "image_size", "sampling", "dida_steps") if k in cfg}
-        title = f"Step {step} edited: {cfg['goal'][:60]} · {cfg['arm'][:30]}"
-        with user_errors():
-            images = [self.engine.image(user, h) for h in scene]
-        yield from self.run("plan", user, lambda: self.engine.new(
-            user, "vla", arm=cfg["arm"], goal=goal, steps=int(cfg["steps"]), images=images, settings=settings,
-            title=title, wait=False), note="This is a new plan; the original is kept in Sessions.")
+        kept = {1: "", 2: "Step 1 is kept as it was. "}.get(step, f"Steps 1-{step - 1} are kept as they were. ")
+        yield from self.run("plan", user, lambda: self.engine.replan(user, s["session_id"], step, subtask, wait=False),
+                            note=kept + "This is a new plan; the original is kept in Sessions.")
 
     def plan_export(self, current, request: gr.Request):
         user = self.user(request)

@@ -108,7 +108,7 @@ def sizes(engine, image_size: str) -> tuple[int, int]:
     from app.checks import parse_size
 
     if engine.runtime is not None:
-        cap = engine.runtime.default_image_size(10**12)[0]
+        cap = engine.runtime.max_image_side()
         side = engine.runtime.default_image_size(1024 * 1024)[0]
     else:
         cap, side = 99, 64

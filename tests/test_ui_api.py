@@ -66,7 +66,7 @@ def make_sessions(server, token: str, tmp_path, who: str, seed: int) -> dict:
     view, status, current, data, _ = c.predict(EMPTY, f"{who}'s corridor", None, "4x4", seed,
                                                api_name="/explore_start")
     assert status.startswith("✓"), status
-    view, status, current, data, _ = c.predict(current, "The camera pans left.", api_name="/explore_step")
+    view, status, current, data, _ = c.predict(current, "turn left", api_name="/explore_step")
     assert data["num_turns"] == 2 and status.startswith("✓")
     explore = data
     video_html, _ = c.predict(current, api_name="/explore_render")
@@ -104,7 +104,7 @@ def test_two_users_in_parallel_cannot_see_each_other(server, tmp_path):
         view, _, current, data, _ = c.predict({"session": their_explore, "job": None}, api_name="/explore_attach")
         assert data is None and current["session"] is None and their_explore not in view
         with pytest.raises(Exception, match="Start a world first"):
-            c.predict({"session": their_explore, "job": None}, "The camera pans left.", api_name="/explore_step")
+            c.predict({"session": their_explore, "job": None}, "turn left", api_name="/explore_step")
         with pytest.raises(Exception, match="Not found"):
             c.predict(their_explore, api_name="/session_delete")
         # my own session opens
@@ -175,6 +175,23 @@ def test_explore_starts_from_an_uploaded_image(server, tmp_path):
     with http(server, token) as web:
         up = Image.open(io.BytesIO(web.get(first["input"]["images"][0]).content))
     assert up.size == (48, 32)  # the upload as stored, served back to its owner
+
+
+def test_plan_regenerate_keeps_the_steps_before_the_edit(server, tmp_path):
+    c = client(server, identity())
+    scene = handle_file(png_file(tmp_path, "regen-scene.png", seed=5))
+    _, status, current, plan, _ = c.predict(EMPTY, "Franka Panda", "stack the cubes", 3, scene, "4x4", 0,
+                                            api_name="/plan_start")
+    assert status.startswith("✓") and len(plan["plan"]) == 3
+    _, status, _, edited, _ = c.predict(current, 2, "grasp the red cube from above", api_name="/plan_regenerate")
+    assert status.startswith("✓") and "Step 1 is kept as it was." in status and "original is kept" in status
+    assert edited["session_id"] != plan["session_id"]
+    assert edited["parent"] == {"session_id": plan["session_id"], "seq": -1}
+    assert edited["turns"][0]["input"] == plan["turns"][0]["input"]  # the same question and scene
+    assert len(edited["plan"]) == 3 and edited["plan"][0] == plan["plan"][0]  # step 1: text and keyframe
+    assert edited["plan"][1]["subtask"] == "grasp the red cube from above"
+    _, listed = c.predict(api_name="/sessions_list")
+    assert {s["session_id"] for s in listed} == {plan["session_id"], edited["session_id"]}
 
 
 def test_streams_and_reattaches_after_the_client_leaves(server):

@@ -7,6 +7,7 @@ and another browser gets 404 for this one's media. Screenshots go to a temp dir 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -125,7 +126,7 @@ def explore(ui: UI):
     ui.wait("explore", frames(1))
     ui.page.click("#explore-forward")
     ui.wait("explore", frames(2))
-    assert "The camera pushes forward." in ui.page.inner_text("#explore-view")
+    assert "move forward" in ui.page.inner_text("#explore-view")
     ui.page.fill("#explore-instruction textarea", "walk to the door")
     ui.page.click("#explore-go")
     ui.wait("explore", frames(3))
@@ -195,9 +196,13 @@ def plan(ui: UI, tmp_path):
     ui.page.wait_for_function("() => document.querySelector('#plan-edit textarea').value.trim() === "
                               "document.querySelectorAll('#plan-view table tr')[2].querySelector('.ws-text')"
                               ".firstChild.textContent.trim()")
+    row_text = ("(i => document.querySelectorAll('#plan-view table tr')[i].querySelector('.ws-text')"
+                ".firstChild.textContent.trim())")
+    kept = ui.page.evaluate(f"{row_text}(1)")
     ui.page.fill("#plan-edit textarea", "grasp the red cube from above")
     ui.page.click("#plan-regenerate")
-    ui.wait("plan", "document.querySelector('#plan-view .ws-question').innerText.includes('grasp the red cube') "
+    # a new plan: step 1 exactly as before, step 2 the edited text, then a regenerated step 3
+    ui.wait("plan", f"{row_text}(2) === 'grasp the red cube from above' && {row_text}(1) === {json.dumps(kept)} "
                     "&& document.querySelectorAll('#plan-view table tr').length === 4")
     ui.check_images("#plan-view", at_least=7)
     ui.page.click("#plan-render")
