@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -93,3 +94,21 @@ def test_tokenizer_mismatch(tiny, capsys):
 def test_missing_checkpoint(tmp_path, capsys):
     rc, out, err = _run(capsys, ["--task", "guide", "--checkpoint", str(tmp_path / "none")])
     assert rc == 2 and "is not a folder" in err
+
+
+def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny, tmp_path):
+    """train.sim.package writes fp16 weights and the training image area; the engine's Runtime computes
+    in fp32 on a CPU and defaults to that area's grid (a 96x96-pixel area with the debug IBQ's f16 ->
+    6x6 tokens)."""
+    import torch
+
+    from train.sim.package import package
+    from worldsim.runtime import Runtime
+
+    out = package(tiny["good"], os.path.join(tiny["good"], "vision_tokenizer"), str(tmp_path / "demo"),
+                  image_area=96 * 96)
+    assert out["mb"] < 80
+    rt = Runtime.load(out["out"])
+    assert next(rt.model.parameters()).dtype == torch.float32
+    assert rt.default_image_size(1024 * 1024) == (6, 6) and rt.default_image_size(32 * 32) == (2, 2)
+    assert rt.max_image_side() >= 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from worldsim.modes import Layout, TurnShape
 log = logging.getLogger("worldsim.runtime")
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_CHECKPOINT = os.path.join(ASSETS, "demo")
+NATIVE_FILE = "worldsim.json"  # optional, beside a checkpoint: {"image_area": pixels it was trained at}
 
 
 class Runtime:
@@ -39,6 +41,7 @@ class Runtime:
         self.caches: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.lock = threading.Lock()  # one generation at a time on this model
         self.stats = {"cache_hits": 0, "cache_misses": 0}
+        self.native_image_area: int | None = None  # pixels per image in the checkpoint's training data
 
     @classmethod
     def load(cls, checkpoint: str | None = None, device: str = "cpu", **kw) -> "Runtime":
@@ -49,12 +52,18 @@ class Runtime:
             checkpoint = DEFAULT_CHECKPOINT
         if checkpoint is None:
             return cls.debug(device, **kw)
-        model = load_pretrained(checkpoint, device=device)
+        # Shipped weights are fp16 (size budget); a CPU computes in fp32 (half matmuls are slow there).
+        model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if str(device) == "cpu" else None)
         vq_dir = os.path.join(checkpoint, "vision_tokenizer")
         vq = load_ibq(vq_dir, device=device).eval() if os.path.isdir(vq_dir) else None
         if vq is None:
             raise ValueError(f"checkpoint: {checkpoint} has no vision_tokenizer/ folder; the engine needs one")
-        return cls(model, vq, name=checkpoint, **kw)
+        runtime = cls(model, vq, name=checkpoint, **kw)
+        meta = os.path.join(checkpoint, NATIVE_FILE)
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                runtime.native_image_area = int(json.load(f)["image_area"])
+        return runtime
 
     @classmethod
     def debug(cls, device: str = "cpu", preset_name: str = "debug", config=None, **kw) -> "Runtime":
@@ -80,11 +89,16 @@ class Runtime:
     def patch(self) -> int:
         return self.vq.config.downsample_factor
 
+    def max_image_side(self) -> int:
+        """The largest square grid side (tokens) allowed: an image takes at most 1/8 of the context."""
+        return min(99, max(1, int(math.sqrt(self.model.config.max_position_embeddings / 8))))
+
     def default_image_size(self, image_area: int) -> tuple[int, int]:
-        """Square grid for the task's pixel area, capped so an image takes at most 1/8 of the context."""
-        side = max(1, round(math.sqrt(image_area) / self.patch))
-        cap = max(1, int(math.sqrt(self.model.config.max_position_embeddings / 8)))
-        side = min(side, cap, 99)
+        """Square grid for the task's pixel area, at most the area the checkpoint was trained on (its
+        worldsim.json `image_area`, when it has one) and at most max_image_side()."""
+        if self.native_image_area:
+            image_area = min(image_area, self.native_image_area)
+        side = min(max(1, round(math.sqrt(image_area) / self.patch)), self.max_image_side())
         return side, side
 
     @torch.no_grad()

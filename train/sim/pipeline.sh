@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The whole demo pipeline on CPU, resumable step by step (each step is skipped when its output exists;
 # trainers resume from their latest checkpoint). Usage: bash train/sim/pipeline.sh [RUNS_DIR]
-# Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretrain -> SFT -> assets/demo.
+# Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretrain -> SFT -> DiDA -> assets/demo.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${1:-runs}
 D=$R/simdata
-IBQ_STEPS=${IBQ_STEPS:-1200}
+IBQ_STEPS=${IBQ_STEPS:-3000}
 PRE_STEPS=${PRE_STEPS:-1000}
 SFT_STEPS=${SFT_STEPS:-300}
 DEVICE=${DEVICE:-cpu}  # cuda on a lent GPU
-LM_MODEL='{"hidden_size":192,"intermediate_size":512,"num_layers":3,"num_heads":3,"num_kv_heads":1,"head_dim":64,"max_position_embeddings":4096,"dropout":0.0}'
+DIDA_STEPS=${DIDA_STEPS:-200}
+LM_MODEL='{"hidden_size":256,"intermediate_size":768,"num_layers":4,"num_heads":4,"num_kv_heads":2,"head_dim":64,"max_position_embeddings":4096,"dropout":0.0}'
 gen() {  # gen NAME ARGS...: one generator run, skipped when its summary exists
   local name=$1; shift
   [ -f "$D/$name.json" ] || { python -m train.sim.generate "$@" --out "$D/$name" > "$D/$name.json.tmp" && mv "$D/$name.json.tmp" "$D/$name.json"; }
@@ -31,10 +32,11 @@ echo "[pipeline] ibq $(date)"
 python -m train.tokenizer_ibq --recipe demo_cpu --init-from "$R/ibq-init" \
   --images "$D/doom-train/frames" "$D/panda-train/frames" "$D/panda-train/frames" \
   "$D/crafter-train/frames" "$D/crafter-train/frames" --out "$R/ibq-sim" \
-  --steps "$IBQ_STEPS" --set resolution=64 batch_size=4 lr=0.0006 min_lr=0.00003 warmup_steps=100 \
-  perceptual_weight=0.25 disc_weight=0.0 save_every=100 progress=false --device "$DEVICE"
+  --steps "$IBQ_STEPS" --set resolution=64 batch_size=8 lr=0.001 min_lr=0.00005 warmup_steps=50 \
+  perceptual_weight=0.25 disc_weight=0.0 entropy_weight=0.0 quantizer=cosine restart_every=50 save_every=250 \
+  progress=false --device "$DEVICE"
 IBQ="$R/ibq-sim/checkpoints/$(cat "$R/ibq-sim/checkpoints/latest")"
-python -m train.sim.tokenizer_eval --vision-tokenizer "$IBQ" --data-root "$D" > "$R/ibq-sim/psnr.json"
+[ -f "$R/ibq-sim/psnr.json" ] || python -m train.sim.tokenizer_eval --vision-tokenizer "$IBQ" --data-root "$D" > "$R/ibq-sim/psnr.json"
 echo "[pipeline] bpe $(date)"
 [ -f "$R/tok-sim/tokenizer.json" ] || python -m train.text_bpe --recipe demo --out "$R/tok-sim" \
   --text README.md model/*.py worldsim/*.py train/*.py train/data/*.py --shards "$D/doom-train" "$D/panda-train" "$D/crafter-train"
@@ -48,6 +50,11 @@ python -m train.sft --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$
   --init-from "$R/pretrain-sim" --out "$R/sft-sim" --steps "$SFT_STEPS" --device "$DEVICE" \
   --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=50 micro_batch_size=0 seq_len=1280 \
   save_every=100 progress=false
+echo "[pipeline] dida $(date)"
+python -m train.dida --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+  --init-from "$R/sft-sim" --out "$R/dida-sim" --steps "$DIDA_STEPS" --device "$DEVICE" \
+  --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=20 micro_batch_size=0 seq_len=1280 \
+  save_every=100 progress=false
 echo "[pipeline] package $(date)"
-python -m train.sim.package --model "$R/sft-sim" --vision-tokenizer "$IBQ" --out assets/demo
+python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out assets/demo
 echo "[pipeline] done $(date)"
