@@ -14,6 +14,8 @@ Rules the wiring follows (shared/NOTES.md, "Gradio 6"):
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from app import checks, render
@@ -22,12 +24,19 @@ from worldsim.engine import MAX_AUTO_STEPS
 from worldsim.modes import MAX_TEXT_CHARS, MAX_VLA_STEPS
 
 ARMS = ["Franka Panda", "UR5e", "xArm 7", "Kinova Gen3", "ALOHA (bimanual)"]
+# The embedded demo model knows ViZDoom, PyBullet (Franka Panda) and Crafter: its examples come first,
+# with held-out frames from those simulators (assets/examples/); the others suit a large checkpoint.
+EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
+DOOM, PANDA, CRAFTER = (os.path.join(EXAMPLE_DIR, f"{n}.png") for n in ("doom", "panda", "crafter"))
 EXAMPLES = {
-    "explore": ["a stone corridor lit by torches", "a sunny beach with palm trees", "a cluttered workshop"],
-    "story": ["a fox finds a lantern in the snow", "a robot learns to paint"],
-    "guide": ["How do I make a paper airplane?", "How do I plant a tomato seedling?"],
-    "plan": ["put the red cube in the bowl", "stack the blue block on the green block"],
-    "image": ["a red cube on a blue table", "a lighthouse at dusk, oil painting"],
+    "explore": [["Explore this place.", DOOM], ["a stone corridor lit by torches", None],
+                ["a sunny beach with palm trees", None]],
+    "story": [["Tell the story of the player's day in this Crafter world.", CRAFTER],
+              ["a fox finds a lantern in the snow", None]],
+    "guide": ["How to make a wood pickaxe", "How to make a stone pickaxe", "How do I make a paper airplane?"],
+    "plan": [["put the white cube on the orange pad", 5, PANDA], ["stack the blue block on the green block", 4, None]],
+    "image": ["A first-person view inside a Doom level (my way home).", "A top-down view of a Crafter world.",
+              "a red cube on a blue table"],
 }
 MOVES = [("forward", "⬆ Forward"), ("back", "⬇ Back"), ("turn_left", "↶ Turn left"), ("turn_right", "↷ Turn right"),
          ("strafe_left", "⇠ Strafe left"), ("strafe_right", "⇢ Strafe right")]
@@ -109,11 +118,11 @@ class Builder:
         h, cur = self.h, self.currents["explore"]
         with gr.Row():
             prompt = gr.Textbox(label="Describe a world to start from", lines=2, scale=3, max_length=MAX_TEXT_CHARS,
-                                elem_id="explore-prompt", placeholder=EXAMPLES["explore"][0])
+                                elem_id="explore-prompt", placeholder=EXAMPLES["explore"][0][0])
             image = gr.File(label="…or start from an image (PNG, JPEG, WebP, BMP)", scale=2,
                             file_types=checks.UPLOAD_TYPES, type="filepath", elem_id="explore-image")
         size, seed = self.options("explore")
-        gr.Examples([[e] for e in EXAMPLES["explore"]], [prompt], label="Examples")
+        gr.Examples(EXAMPLES["explore"], [prompt, image], label="Examples")
         start = gr.Button("Start world", variant="primary", elem_id="explore-start")
         status, stop = self.status_row("explore")
         view = gr.HTML(render.explore([]), elem_id="explore-view")
@@ -161,11 +170,11 @@ class Builder:
         h, cur = self.h, self.currents["story"]
         with gr.Row():
             prompt = gr.Textbox(label="Story premise", lines=2, scale=3, max_length=MAX_TEXT_CHARS,
-                                elem_id="story-prompt", placeholder=EXAMPLES["story"][0])
+                                elem_id="story-prompt", placeholder=EXAMPLES["story"][0][0])
             image = gr.File(label="Optional picture to start from", scale=2, file_types=checks.UPLOAD_TYPES,
                             type="filepath", elem_id="story-image")
         size, seed = self.options("story")
-        gr.Examples([[e] for e in EXAMPLES["story"]], [prompt], label="Examples")
+        gr.Examples(EXAMPLES["story"], [prompt, image], label="Examples")
         start = gr.Button("Tell the story", variant="primary", elem_id="story-start")
         status, stop = self.status_row("story")
         view = gr.HTML(render.story([]), elem_id="story-view")
@@ -209,12 +218,12 @@ class Builder:
             with gr.Column(scale=3):
                 arm = gr.Dropdown(ARMS, value=ARMS[0], allow_custom_value=True, label="Arm type", elem_id="plan-arm")
                 goal = gr.Textbox(label="Goal", lines=2, max_length=MAX_TEXT_CHARS, elem_id="plan-goal",
-                                  placeholder=EXAMPLES["plan"][0])
+                                  placeholder=EXAMPLES["plan"][0][0])
                 nsteps = gr.Slider(1, MAX_VLA_STEPS, value=4, step=1, label="Number of steps", elem_id="plan-steps")
             scene = gr.File(label="Scene image (optional)", scale=2, file_types=checks.UPLOAD_TYPES, type="filepath",
                             elem_id="plan-scene")
         size, seed = self.options("plan")
-        gr.Examples([[e] for e in EXAMPLES["plan"]], [goal], label="Examples")
+        gr.Examples(EXAMPLES["plan"], [goal, nsteps, scene], label="Examples")
         start = gr.Button("Plan", variant="primary", elem_id="plan-start")
         status, stop = self.status_row("plan")
         view = gr.HTML(render.plan([]), elem_id="plan-view")

@@ -5,7 +5,8 @@
 For each image size (h = w tokens) the AR path (KV cache; the compiled one-token step too, when
 --compile is given and it is faster) decodes one image token by token, and DiDA decodes it with K
 parallel steps, both with guidance (two rows per forward) from the same prompt and seed. Printed per
-size and K: seconds per image, sequential forward passes per image, and the ratios. Weights are random
+size and K: seconds per image (the median of --rounds runs), sequential forward passes per image, and
+the ratios. Weights are random
 unless --checkpoint is given (timing does not depend on them); `native` marks the checkpoint's
 trained image size. `--device cuda` runs a mid-size random configuration (~1.3B parameters) at 64x64.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -38,7 +40,8 @@ def build(args):
     if args.checkpoint:
         from model import load_pretrained
 
-        return load_pretrained(args.checkpoint, device=args.device)
+        cpu = args.device == "cpu"  # shipped fp16 weights compute in fp32 on a CPU, as the engine does
+        return load_pretrained(args.checkpoint, device=args.device, dtype=torch.float32 if cpu else None)
     cfg = preset(args.preset)
     if args.device.startswith("cuda"):
         cfg = cfg.replace(**MID_SIZE)
@@ -82,6 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default="4,8,16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="also try the compiled AR decode step")
+    p.add_argument("--rounds", type=int, default=3, help="timed runs per measurement; the median is reported")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -99,17 +103,19 @@ def main(argv=None) -> None:
         step = compile_decode(model)
         decode_once(model, 4, ARImageSampler(), step)
 
+    def median_seconds(size, make_sampler, step=None):
+        return statistics.median(decode_once(model, size, make_sampler(), step)[0] for _ in range(max(1, args.rounds)))
+
     rows = []
     for size in args.sizes:
         n = size * size
-        ar_s, _ = decode_once(model, size, ARImageSampler())
+        ar_s = median_seconds(size, ARImageSampler)
         if step is not None:
-            compiled_s, _ = decode_once(model, size, ARImageSampler(), step)
-            ar_s = min(ar_s, compiled_s)
+            ar_s = min(ar_s, median_seconds(size, ARImageSampler, step))
         ar_passes = n + size  # one forward per code, per EOL and for EOI
         for k in ks:
             sampler = DiDASampler(k)
-            dida_s, _ = decode_once(model, size, sampler)
+            dida_s = median_seconds(size, lambda: sampler)
             rows.append({"tokens": n, "k": k, "ar_seconds": ar_s, "dida_seconds": dida_s, "speedup": ar_s / dida_s,
                          "ar_passes": ar_passes, "dida_passes": sampler.forwards + 1,  # + the span's one chunk
                          "native": args.native == size})

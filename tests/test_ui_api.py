@@ -1,7 +1,7 @@
 """The app driven through gradio_client, as API users drive it: two users in parallel, each with its
 own identity cookie, can neither list, read nor fetch the media of the other's sessions; input is
 refused before it is queued; generation streams, and a job whose client went away goes on and can
-be re-attached. Runs the real `python app.py` (debug preset, random weights, 4x4-token images)."""
+be re-attached. Runs the real `python app.py` (the embedded demo model, 4x4-token images)."""
 
 from __future__ import annotations
 

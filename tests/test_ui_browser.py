@@ -1,5 +1,5 @@
 """Every tab end to end in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright),
-on the real `python app.py` (debug preset, random weights: the images are noise, which is fine: they
+on the real `python app.py` with its embedded default, the shipped demo model (assets/demo; the images
 must be drawn, not blank and not one colour). Also: a session persists across a page reload and a
 server restart, a generation goes on when its tab closes and the reopened page re-attaches to it,
 and another browser gets 404 for this one's media. Screenshots go to a temp dir and are copied to
@@ -240,7 +240,7 @@ def test_every_tab_end_to_end_and_sessions_persist(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     shots = tmp_path / "shots"
     shots.mkdir()
-    server = AppServer(tmp_path / "data").start()
+    server = AppServer(tmp_path / "data", image_size=None).start()  # the demo's own image size
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
@@ -289,7 +289,7 @@ def test_every_tab_end_to_end_and_sessions_persist(tmp_path):
             same_sessions_shown("reload")
 
             server.kill()
-            server = AppServer(tmp_path / "data", port=server.port).start()
+            server = AppServer(tmp_path / "data", port=server.port, image_size=None).start()
             page.reload()
             same_sessions_shown("restart")
 

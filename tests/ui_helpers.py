@@ -1,5 +1,5 @@
 """The app as a user runs it, for the UI tests: `python app.py` in a subprocess on a free port with a
-temporary data directory, tiny images (4x4 tokens) and one torch thread (tiny models decode faster
+temporary data directory, tiny images (4x4 tokens) unless told otherwise, and one torch thread (tiny models decode faster
 on one thread of a busy machine). It can be killed and started again on the same port and data."""
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, data_dir: str, *extra: str, port: int | None = None):
+    def __init__(self, data_dir: str, *extra: str, port: int | None = None, image_size: str | None = "4x4"):
+        """image_size: the app's --image-size (None: the model's default, the demo's training size)."""
         self.data_dir, self.extra = str(data_dir), extra
+        self.image_size = image_size
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -37,7 +39,7 @@ class AppServer:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "app.py"), "--port", str(self.port), "--data-dir", self.data_dir,
-             "--image-size", "4x4", *self.extra], cwd=self.data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+             *(["--image-size", self.image_size] if self.image_size else []), *self.extra], cwd=self.data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
