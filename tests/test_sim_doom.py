@@ -36,11 +36,17 @@ def test_records_use_canonical_sentences_and_valid_format(tmp_path):
     _gen(tmp_path)
     recs = list(fmt.read_shard(str(tmp_path / "doom-train-3-00000.jsonl")))
     explore = [r for r in recs if r["task"] == "explore"]
-    interactive = [r for r in explore if r["question"] in doom.ACTIONS]
+    interactive = [r for r in explore if r["question"] in doom.ACTIONS and "turns" not in r]
     assert len(interactive) == 3
     for r in interactive:  # instruction + view -> the action's narration, then the next view
         assert r["answer"][0]["text"] == doom.NARRATION[r["question"]]
         assert os.path.isfile(r["images"][0]["path"]) and os.path.isfile(r["answer"][1]["image"]["path"])
+    # the same 3 steps as one step-by-step session: first instruction + view, then one instruction per turn
+    [session] = [r for r in explore if "turns" in r]
+    steps = [session] + session["turns"]
+    assert [t["question"] for t in steps] == [r["question"] for r in interactive]
+    assert [t["answer"] for t in steps] == [r["answer"] for r in interactive]
+    assert session["images"] == interactive[0]["images"] and all(t["images"] == [] for t in session["turns"])
     free = [r for r in explore if r["question"] == "Explore this place."]
     assert free and all(s["text"] in doom.NARRATION.values() for r in free for s in r["answer"] if "text" in s)
 
