@@ -18,7 +18,8 @@ trains the same inference rule (code = argmax of z·e) with unit-length codebook
 every step, so the argmax is the cosine-nearest row: the decoder's gradient passes straight to the
 (normalised) encoder output, the codebook and commitment losses pull rows and outputs together, and every
 `restart_every` steps the rows no position chose since the last restart are re-seeded from this batch's
-encoder outputs. The saved codebook is unit-length, so `IBQ.encode` / `decode` are unchanged.
+encoder outputs. The saved codebook is unit-length, so `IBQ.encode` / `decode` are unchanged. The record of
+used rows is not checkpointed: a run resumed between two restarts re-seeds slightly more rows at the next.
 
 Optimizers: AdamW with SPEC §7's betas, eps and clipping; lr 1e-4 and no weight decay by default (a conv
 autoencoder with a GAN is not a transformer; the tokenizer's values are not given by the paper).
