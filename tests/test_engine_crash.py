@@ -247,7 +247,9 @@ def test_sigkill_of_cli_step_loop(tmp_path, make_engine):
         check_intact(probe, sid, reported)
         stale |= {j["id"] for j in probe.unfinished_jobs()}
     probe.close()
-    eng = make_engine(url)
+    from worldsim.runtime import Runtime
+
+    eng = make_engine(url, runtime=Runtime.load())  # the CLI's model (the shipped demo): its ids fill the session
     last = eng.store.turns(sid)[-1]["seq"]
     # the killed step's job, still unfinished in SQL, may be resumed first (the engine re-queues it)
     assert eng.step("crash", sid, "after the crash", timeout=60)["seq"] in (last + 1, last + 2)
