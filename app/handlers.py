@@ -294,20 +294,28 @@ class Handlers:
         self.idle(user, current)
         yield from self.run("explore", user, lambda: self.engine.step(user, s["session_id"], instruction, wait=False))
 
-    def explore_auto(self, current, steps, request: gr.Request):
+    def _auto(self, tab: str, what: str, field: str, limit: int, current, n, request):
+        """`n` more turns on the model's own (explore steps, story beats)."""
         user = self.user(request)
-        check(checks.integer(steps, "steps", 1, MAX_AUTO_STEPS))
-        s = self.require(user, current, "explore", "a world")
+        check(checks.integer(n, field, 1, limit))
+        s = self.require(user, current, tab, what)
         self.idle(user, current)
-        yield from self.run("explore", user, lambda: self.engine.auto(user, s["session_id"], int(steps), wait=False))
+        yield from self.run(tab, user, lambda: self.engine.auto(user, s["session_id"], int(n), wait=False))
+
+    def _reroll(self, tab: str, what: str, field: str, current, index, request):
+        """Re-roll turn `index`: the last in place; an earlier one in a new branch (the original stays)."""
+        user = self.user(request)
+        s = self.require(user, current, tab, what)
+        self.idle(user, current)
+        check(checks.integer(index, field, 0, max(0, s["num_turns"] - 1)))
+        yield from self.run(tab, user, lambda: self.engine.reroll(user, s["session_id"], int(index), wait=False),
+                            note=BRANCH_NOTE if int(index) < s["num_turns"] - 1 else "")
+
+    def explore_auto(self, current, steps, request: gr.Request):
+        yield from self._auto("explore", "a world", "steps", MAX_AUTO_STEPS, current, steps, request)
 
     def explore_reroll(self, current, step, request: gr.Request):
-        user = self.user(request)
-        s = self.require(user, current, "explore", "a world")
-        self.idle(user, current)
-        check(checks.integer(step, "step", 0, max(0, s["num_turns"] - 1)))
-        yield from self.run("explore", user, lambda: self.engine.reroll(user, s["session_id"], int(step), wait=False),
-                            note=BRANCH_NOTE if int(step) < s["num_turns"] - 1 else "")
+        yield from self._reroll("explore", "a world", "step", current, step, request)
 
     def explore_undo(self, current, request: gr.Request):
         user = self.user(request)
@@ -348,20 +356,10 @@ class Handlers:
             user, "story", prompt=prompt or "", images=images, settings=settings, wait=False))
 
     def story_continue(self, current, beats, request: gr.Request):
-        user = self.user(request)
-        check(checks.integer(beats, "beats", 1, MAX_STORY_BEATS))
-        s = self.require(user, current, "story", "a story")
-        self.idle(user, current)
-        yield from self.run("story", user, lambda: self.engine.auto(user, s["session_id"], int(beats), wait=False))
+        yield from self._auto("story", "a story", "beats", MAX_STORY_BEATS, current, beats, request)
 
     def story_reroll(self, current, beat, request: gr.Request):
-        """Re-roll one beat: the last in place; an earlier one in a new branch (the original stays)."""
-        user = self.user(request)
-        s = self.require(user, current, "story", "a story")
-        self.idle(user, current)
-        check(checks.integer(beat, "beat", 0, max(0, s["num_turns"] - 1)))
-        yield from self.run("story", user, lambda: self.engine.reroll(user, s["session_id"], int(beat), wait=False),
-                            note=BRANCH_NOTE if int(beat) < s["num_turns"] - 1 else "")
+        yield from self._reroll("story", "a story", "beat", current, beat, request)
 
     # ---- guide -----------------------------------------------------------------------------------
     def guide_start(self, current, question, max_steps, image_size, seed, request: gr.Request):
