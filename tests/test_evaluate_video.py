@@ -3,9 +3,11 @@ issue's keys, pooling over simulators, the clips themselves, and clear errors fo
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("vizdoom")
 pytest.importorskip("pybullet")
@@ -64,6 +66,7 @@ def test_video_keys_and_pooling(decoder, capsys):
 
 
 def test_clips_are_continuous(monkeypatch):
+    from train.sim import clips as C
     from train.sim import doom
 
     for sim in ("crafter", "pybullet"):
@@ -73,8 +76,10 @@ def test_clips_are_continuous(monkeypatch):
         assert np.array_equal(clip, evaluate.video_clips(sim, None, 1, 0, 8)[0][0])  # seeded
         steps = [np.abs(clip[k + 1].astype(int) - clip[k]).mean() for k in range(7)]
         assert sum(s > 0 for s in steps) >= 5, (sim, steps)  # it moves, frame after frame
+        train_clip = C.video_clips(sim, None, 1, 0, 8, split="train")[0][0]
+        assert not np.array_equal(train_clip[0], clip[0])  # another seed (and colour set): another scene
     world = doom.resolve_world("basic")
-    assert evaluate.doom_clip(world, 5, 3, 6).shape == (6, doom.HEIGHT, doom.WIDTH, 3)
+    assert C.doom_clip(world, 5, 3, 6).shape == (6, doom.HEIGHT, doom.WIDTH, 3)
     step = doom.DoomWorld.step
     calls = []
 
@@ -85,7 +90,28 @@ def test_clips_are_continuous(monkeypatch):
         return step(self, action)
 
     monkeypatch.setattr(doom.DoomWorld, "step", restarting)
-    assert evaluate.doom_clip(world, 5, 3, 6) is None  # a cut is no trajectory
+    assert C.doom_clip(world, 5, 3, 6) is None  # a cut is no trajectory
+
+
+def test_training_clips_are_trainer_clip_folders(tmp_path, capsys):
+    """train.sim.clips writes the training split as folders train.video_decoder --clips reads, frame for
+    frame; bad arguments are clear errors."""
+    from train.sim import clips as C
+    from train.video_decoder import find_clip_folders
+
+    assert C.main(["--sim", "crafter", "--num", "2", "--num-frames", "5", "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"sim": "crafter", "split": "train", "clips": 2, "frames": 10, "redrawn_clips": 0}
+    folders = find_clip_folders([str(tmp_path)], 2)
+    assert len(folders) == 2 and all(len(list(os.scandir(f))) == 5 for f in folders)
+    first = np.asarray(Image.open(os.path.join(folders[0], "000.png")))
+    assert np.array_equal(first, C.video_clips("crafter", None, 1, 0, 5, split="train")[0][0][0])
+    for argv, field in ((["--sim", "mario"], "sim:"), (["--sim", "crafter", "--split", "test"], "split:"),
+                        (["--sim", "crafter", "--num", "0"], "num:"),
+                        (["--sim", "crafter", "--num-frames", "1"], "num-frames:")):
+        assert C.main(argv + ["--out", str(tmp_path / "bad")]) == 2
+        assert field in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_bad_checkpoints(decoder, tmp_path, capsys, monkeypatch):

@@ -37,17 +37,9 @@ used in training) and every PSNR is computed there, on decoded pixels against th
   (train.video_decoder.evaluate_video): `model_psnr` (its in-between frames against the simulator's),
   `baseline_psnr` (the linear cross-fade of the two keyframes), `few_step_speedup` /
   `few_step_psnr_drop` (the few-step decoder against the many-step one), overall (pooled over all
-  clips) and in `per_sim`. The clips:
-  vizdoom: the explore task's random walk (doom.policy, `doom.TICS` tics a frame) from a held-out seed,
-    after 0-39 unrecorded steps; a clip in which the player dies or the episode restarts is a cut, not a
-    trajectory, so it is redrawn with the next seed (`redrawn_clips`).
-  crafter: the player walking in runs of one direction (one tile a frame; a blocked move only turns
-    it), in a world of a held-out seed, after 0-19 unrecorded moves; a death redraws as above.
-  pybullet: panda.episode keeps only the frame at each subtask's end (and one per arm move), too far
-    apart for in-betweening, so the clip drives PandaWorld itself: in a held-out-colour scene the arm
-    grasps a cube, then carries it to above the pad along a straight line of num_frames - 1 IK targets,
-    each reached with physics steps and rendered (real frames of one continuous motion, nothing
-    interpolated).
+  clips) and in `per_sim`. The clips are train/sim/clips.py's, held-out split: ViZDoom random walks,
+  Crafter walks and the Panda arm carrying a cube (held-out seeds and colours); a clip cut by a death or
+  restart is redrawn with the next seed (`redrawn_clips`).
 
 Bad input (an unknown scenario, a wad without the map, a tokenizer whose codebook does not match the
 model, --episodes 0, a missing checkpoint, a --task video checkpoint that is no video decoder, an unknown
@@ -64,8 +56,10 @@ import sys
 import numpy as np
 import torch
 
+from train.sim.clips import SIMS, video_clips
+
 TASKS = ("explore", "manipulate", "guide", "story", "video")
-VIDEO_SIMS = ("vizdoom", "crafter", "pybullet")
+VIDEO_SIMS = SIMS
 SAMPLERS = ("ar", "dida")
 DEFAULT_IMAGE_AREA = 96 * 96
 
@@ -365,100 +359,6 @@ def video_checkpoint(checkpoint: str | None) -> str:
     return found
 
 
-def doom_clip(world: dict, seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
-    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding), or None when the
-    player dies or the episode ends inside the recorded frames (the engine restarts: a cut)."""
-    from train.sim import doom
-
-    acts = doom.policy(np.random.default_rng([seed, 7]), warmup + num_frames - 1)
-    w = doom.DoomWorld(world, seed)
-    try:
-        for a in acts[:warmup]:
-            w.step(a)
-        frames, t = [w.frame()], w.game.get_episode_time()
-        for a in acts[warmup:]:
-            frames.append(w.step(a))
-            if w.game.get_episode_time() <= t:  # restarted
-                return None
-            t = w.game.get_episode_time()
-        return np.stack(frames)
-    finally:
-        w.close()
-
-
-def crafter_clip(seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
-    """(num_frames, 128, 128, 3) uint8 of the player walking in runs of 2-4 moves one way, after `warmup`
-    moves; None when the player died."""
-    from train.sim import craft
-
-    rng = np.random.default_rng([seed, 17])
-    moves = []
-    while len(moves) < warmup + num_frames - 1:
-        moves += [list(craft.MOVES)[int(rng.integers(len(craft.MOVES)))]] * int(rng.integers(2, 5))
-    ag = craft.Agent(seed)
-    for m in moves[:warmup]:
-        ag.act(m)
-    frames = [ag.obs.copy()]
-    for m in moves[warmup:warmup + num_frames - 1]:
-        ag.act(m)
-        frames.append(ag.obs.copy())
-    return None if ag.dead else np.stack(frames)
-
-
-def panda_clip(seed: int, num_frames: int) -> np.ndarray:
-    """(num_frames, 128, 128, 3) uint8: in a held-out-colour scene the arm grasps a cube (not recorded),
-    then carries it to 12 cm above the pad through num_frames - 1 evenly spaced IK targets, rendered at
-    each (see the module docstring for why not panda.episode)."""
-    from train.sim import panda
-
-    w = panda.PandaWorld(np.random.default_rng([seed, 23]), panda.HELDOUT_COLOURS)
-    try:
-        cube, pad = w.cubes[list(w.cubes)[0]], w.pads[list(w.pads)[0]]
-        w.move(w.pos(cube) + [0, 0, 0.12], fingers=0.04, record=False)
-        w.move(w.pos(cube), steps=160, fingers=0.04, record=False)
-        w.close_on(cube)
-        start, goal = w.ee(), w.pos(pad) + [0, 0, panda.CUBE / 2 + 0.12]
-        frames = [w.render()[0]]
-        for i in range(1, num_frames):
-            w.move(start + (goal - start) * i / (num_frames - 1), steps=60, pieces=1, record=False)
-            frames.append(w.render()[0])
-        return np.stack(frames)
-    finally:
-        w.close()
-
-
-def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_frames: int,
-                max_tries: int = 8) -> tuple[list[np.ndarray], dict]:
-    """`episodes` held-out clips of `sim` (see the module docstring) and facts about them."""
-    from train.sim import craft, doom, panda
-
-    clips, redrawn = [], 0
-    worlds = [world] if world else [doom.resolve_world(s) for s in doom.TRAIN_SCENARIOS]
-    offset = {"vizdoom": doom, "crafter": craft, "pybullet": panda}[sim].HELDOUT_SEED_OFFSET
-    for i in range(episodes):
-        rng = np.random.default_rng([seed + offset, i])
-        for _ in range(max_tries):
-            s = int(rng.integers(2 ** 31 - 1))
-            if sim == "vizdoom":
-                clip = doom_clip(worlds[i % len(worlds)], s, int(rng.integers(0, 40)), num_frames)
-            elif sim == "crafter":
-                clip = crafter_clip(craft.HELDOUT_SEED_OFFSET + s % craft.HELDOUT_SEED_OFFSET,
-                                    int(rng.integers(0, 20)), num_frames)
-            else:
-                clip = panda_clip(s, num_frames)
-            if clip is not None:
-                break
-            redrawn += 1
-        else:
-            raise ValueError(f"{sim}: {max_tries} clips in a row were cut by a death or restart"
-                             + (f" in {worlds[i % len(worlds)]['name']}" if sim == "vizdoom" else ""))
-        clips.append(clip)
-    facts = {"redrawn_clips": redrawn}
-    if sim == "vizdoom":
-        facts["worlds"] = sorted({w["name"] for w in worlds[:episodes]})
-    return clips, facts
-
-
 def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=VIDEO_SIMS) -> dict:
     from model.video_sampling import load_settings
     from train.video_decoder import evaluate_video
@@ -467,7 +367,7 @@ def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, 
     num_frames = int(load_settings(path).extra.get("num_frames", 12))  # evaluate_video's default span
     per_sim, shared = {}, {}
     for sim in sims:
-        clips, facts = video_clips(sim, world, episodes, seed, num_frames)
+        clips, facts = video_clips(sim, world, episodes, seed, num_frames)  # held-out split
         r = evaluate_video(path, clips, span=num_frames, max_clips=len(clips), seed=seed)
         shared = {k: r.pop(k) for k in ("few_steps", "many_steps", "span", "checkpoint", "teacher")}
         per_sim[sim] = {**r, **facts}
