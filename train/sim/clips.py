@@ -12,7 +12,8 @@ The clips:
   clips run in doom.train_worlds() (the bundled scenarios and freedoom2 MAP01-MAP10) with seeds below
   doom.HELDOUT_SEED_OFFSET, held-out ones in the training scenarios (or the given world) with seeds above
   it. A clip in which the player dies or the episode restarts is a cut, not a trajectory, so it is
-  redrawn with the next seed (`redrawn_clips`).
+  redrawn with the next seed (`redrawn_clips`). Training clips are cut short at a death instead when at
+  least 8 frames remain (in deadly_corridor few walks of 24 frames survive).
 - crafter: the player walking in runs of 2-4 moves one way (one tile a frame; a blocked move only turns
   it) after 0-19 unrecorded moves; a death redraws as above.
 - pybullet: panda.episode keeps only the frame at each subtask's end (and one per arm move), too far
@@ -36,9 +37,10 @@ from train.sim.common import check_split
 SIMS = ("vizdoom", "crafter", "pybullet")
 
 
-def doom_clip(world: dict, seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
-    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding), or None when the
-    player dies or the episode ends inside the recorded frames (the engine restarts: a cut)."""
+def doom_clip(world: dict, seed: int, warmup: int, num_frames: int, min_frames: int | None = None) -> np.ndarray | None:
+    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding). When the player dies
+    or the episode ends inside the recorded frames (the engine restarts: a cut), the frames before the
+    cut if there are at least `min_frames` (default num_frames: the whole clip), else None."""
     from train.sim import doom
 
     acts = doom.policy(np.random.default_rng([seed, 7]), warmup + num_frames - 1)
@@ -50,7 +52,8 @@ def doom_clip(world: dict, seed: int, warmup: int, num_frames: int) -> np.ndarra
         for a in acts[warmup:]:
             frames.append(w.step(a))
             if w.game.get_episode_time() <= t:  # restarted
-                return None
+                frames.pop()
+                return np.stack(frames) if len(frames) >= (min_frames or num_frames) else None
             t = w.game.get_episode_time()
         return np.stack(frames)
     finally:
@@ -119,7 +122,8 @@ def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_fram
             s = int(rng.integers(2 ** 31 - 1))
             if sim == "vizdoom":
                 s = s % doom.HELDOUT_SEED_OFFSET if train else s
-                clip = doom_clip(worlds[i % len(worlds)], s, int(rng.integers(0, 40)), num_frames)
+                clip = doom_clip(worlds[i % len(worlds)], s, int(rng.integers(0, 40)), num_frames,
+                                 min(num_frames, 8) if train else None)
             elif sim == "crafter":
                 clip = crafter_clip(offset + s % craft.HELDOUT_SEED_OFFSET, int(rng.integers(0, 20)), num_frames)
             else:
