@@ -215,6 +215,59 @@ def test_worldsim_config_missing_field(model, tmp_path):
         load_ibq(tmp_path)
 
 
+def test_norm_groups(tmp_path):
+    """A narrow tokenizer may use fewer GroupNorm groups (32 groups on 32 channels is an instance norm,
+    which strips every channel's mean: colours); the field round-trips, folders written before it load as
+    32 groups, and the official layout, which cannot say it, refuses anything but 32."""
+    import dataclasses
+    import json
+
+    cfg = dataclasses.replace(ibq_preset("debug"), norm_groups=8)
+    torch.manual_seed(0)
+    m = IBQ(cfg).eval()
+    assert m.encoder.down[0].block[0].norm1.num_groups == 8 and m.decoder.norm_out.num_groups == 8
+    save_ibq(m, tmp_path / "ours")
+    x = images(1, 64, 64, seed=3)
+    assert load_ibq(tmp_path / "ours").config.norm_groups == 8
+    assert torch.equal(load_ibq(tmp_path / "ours").encode(x), m.encode(x))
+    with pytest.raises(ValueError, match="norm_groups=8"):
+        save_ibq(m, tmp_path / "official", layout="official")
+    old = IBQ(ibq_preset("debug"))
+    save_ibq(old, tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    del raw["norm_groups"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    assert load_ibq(tmp_path / "old").config.norm_groups == 32
+    assert load_ibq(tmp_path / "old").config.patch_shortcut is False
+    with pytest.raises(ValueError, match="base_channels.*norm_groups=64"):
+        dataclasses.replace(ibq_preset("debug"), norm_groups=64)
+    with pytest.raises(ValueError, match="norm_groups"):
+        dataclasses.replace(ibq_preset("debug"), norm_groups=0)
+
+
+def test_patch_shortcut(tmp_path):
+    """The linear patch path: encode/decode/forward agree with the path written out by hand, the
+    folder round-trips, and the official layout refuses it."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = IBQ(dataclasses.replace(ibq_preset("debug"), patch_shortcut=True)).eval()
+    x = images(2, 64, 64, seed=4)
+    z = m.quant_conv(m.encoder(x)) + m.patch_in(x)
+    codes = m.quantize.codes(z)
+    assert torch.equal(m.encode(x), codes)
+    with torch.no_grad():
+        e = m.quantize.lookup(codes)
+        by_hand = (m.decoder(m.post_quant_conv(e)) + m.patch_out(e)).clamp(-1, 1)
+        assert torch.allclose(m.decode(codes), by_hand, atol=1e-6)
+        assert torch.equal(m(x)[1], codes)
+    save_ibq(m, tmp_path / "ours")
+    loaded = load_ibq(tmp_path / "ours")
+    assert loaded.config.patch_shortcut and torch.equal(loaded.encode(x), codes)
+    with pytest.raises(ValueError, match="patch_shortcut=True"):
+        save_ibq(m, tmp_path / "official", layout="official")
+
+
 def test_checkpoint_bad_tensors(model, tmp_path):
     save_ibq(model, tmp_path, layout="official")
     ckpt = torch.load(tmp_path / "model.ckpt", weights_only=True)

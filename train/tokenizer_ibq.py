@@ -156,7 +156,7 @@ class TrainForward(nn.Module):
         self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor):
-        z = self.ibq.quant_conv(self.ibq.encoder(x))  # (B, D, h, w)
+        z = self.ibq.latents(x)  # (B, D, h, w)
         q = self.ibq.quantize
         if self.quantizer == "cosine":
             z = F.normalize(z, dim=1)
@@ -170,7 +170,7 @@ class TrainForward(nn.Module):
             z_q, codes, qloss = q(z)
             logits, flat = q.logits(z), None
         entropy = entropy_loss(logits, self.entropy_temperature)  # logits (B, h, w, N)
-        return self.ibq.decoder(self.ibq.post_quant_conv(z_q)), qloss, entropy, codes, flat
+        return self.ibq.reconstruct(z_q), qloss, entropy, codes, flat
 
 
 class CodebookKeeper:

@@ -2,7 +2,12 @@
 (2048 x 64) and factor 8, at a CPU-trainable width (base 32, levels 1-2-4-4: about 4.2M parameters,
 the size of the issue's calibration run). train.tokenizer_ibq then trains it with `--init-from`.
 
-    python -m train.sim.ibq_init --out runs/ibq-init
+    python -m train.sim.ibq_init --out runs/ibq-init [--norm-groups 8]
+
+GroupNorm uses 8 groups (4 channels each at the first level, the official model's ratio of 128 channels
+to 32 groups). With the official 32 groups on 32 channels every norm at full resolution is an instance
+norm: it removes each channel's mean per image, so the decoder's last layers cannot say what colour a
+flat wall is; the first shipped tokenizer (32 groups) decoded brown walls grey-green.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import dataclasses
 import torch
 
 
-def demo_small_config():
+def demo_small_config(norm_groups: int = 32, patch_shortcut: bool = False):
     from model.vision_tokenizer import ibq_preset
 
-    return dataclasses.replace(ibq_preset("demo"), base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1)
+    return dataclasses.replace(ibq_preset("demo"), base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
+                               norm_groups=norm_groups, patch_shortcut=patch_shortcut)
 
 
 def main(argv=None) -> None:
@@ -25,9 +31,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (the shipped tokenizer: 32)")
+    p.add_argument("--patch-shortcut", action="store_true", help="add the linear patch path (model.vision_tokenizer.IBQ)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    m = IBQ(demo_small_config())
+    m = IBQ(demo_small_config(a.norm_groups, a.patch_shortcut))
     save_ibq(m, a.out)
     print(f"{a.out}: {sum(x.numel() for x in m.parameters()) / 1e6:.2f}M params")
 
