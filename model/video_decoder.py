@@ -40,6 +40,16 @@ that the keyframes already give pixel for pixel (without it, the first CPU run's
 blocky copies of the keyframes, 3-5 dB under the cross-fade). It is computed from the inputs in
 `forward` with tensor ops only.
 
+With `sigma_data > 0` (on top of the blend prior) the prediction is preconditioned as in EDM (Karras et
+al. 2022), written for the flow x_t = (1 - sigma) x0 + sigma noise: with u = x_t - (1 - sigma) blend,
+    x0 = blend + c_skip u + c_out net,   c_skip = (1-sigma) s^2 / d^2,   c_out = s sigma / d,
+    d^2 = (1-sigma)^2 s^2 + sigma^2,     s = sigma_data (the spread of x0 - blend).
+c_skip u is the best linear guess of x0 - blend from the noisy frames, so at low noise the frames pass
+through without the network (a run without it, at step 1,250, denoised sigma = 0.1 barely better than the
+blend: its 768-value patches cannot carry pixels through a few hundred channels) and the network's
+output, scaled by c_out, only has to supply what the noisy frames do not show; at sigma = 1 the
+prediction is blend + s * net. sigma_data = 0 keeps the plain residual.
+
 The body is a plain DiT: patch embedding, fixed 3-D sine-cosine positions (so any frame count and any
 grid of patches works), AdaLN-Zero blocks of full bidirectional self-attention (with QK RMSNorm) and a
 GELU MLP, and a zero-initialised AdaLN output layer (the first prediction is x0 = 0). It is a diffusers
@@ -186,10 +196,13 @@ class VideoDecoder(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 3, embed_channels: int = 32, patch_size: int = 8,
                  hidden_size: int = 256, depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0,
                  text_dim: int = 64, num_train_timesteps: int = 1000, prediction_type: str = "sample",
-                 blend_prior: bool = True):
+                 blend_prior: bool = True, sigma_data: float = 0.0):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+        if not sigma_data >= 0 or (sigma_data and not (blend_prior and prediction_type == "sample")):
+            raise ValueError(f"sigma_data: must be >= 0, and > 0 only with blend_prior and prediction_type "
+                             f"'sample', got {sigma_data!r}")
         for name, v in (("in_channels", in_channels), ("embed_channels", embed_channels),
                         ("patch_size", patch_size), ("hidden_size", hidden_size), ("depth", depth),
                         ("num_heads", num_heads), ("text_dim", text_dim),
@@ -265,7 +278,13 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         out = out.reshape(B, C, Fn, H, W)
         if self.config.prediction_type == "velocity":
             return out
+        t = (timestep.reshape(B).to(out.dtype) / self.config.num_train_timesteps)[:, None, None, None, None]
         if self.config.blend_prior:
-            out = out + clean_blend(latents, clean)
-        sigma = (timestep.reshape(B).to(out.dtype) / self.config.num_train_timesteps).clamp(min=MIN_SIGMA)
-        return (latents - out) / sigma[:, None, None, None, None]  # v = (x_t - x0) / sigma
+            blend = clean_blend(latents, clean)
+            s = self.config.sigma_data
+            if s:  # EDM preconditioning around the blend (module docstring)
+                d2 = (1 - t) ** 2 * s * s + t * t
+                out = blend + (1 - t) * s * s / d2 * (latents - (1 - t) * blend) + s * t / d2.sqrt() * out
+            else:
+                out = out + blend
+        return (latents - out) / t.clamp(min=MIN_SIGMA)  # v = (x_t - x0) / sigma

@@ -73,6 +73,24 @@ def test_clean_blend_by_hand():
 
 
 @torch.no_grad()
+def test_preconditioning_limits():
+    """sigma_data > 0, untrained (zero output layer): the predicted clean frames are the noisy frames
+    themselves as sigma -> 0 and the blend of the clean frames at sigma = 1; bad settings are refused."""
+    m = VideoDecoder(**video_decoder_preset("debug", 32), sigma_data=0.25).eval()
+    x = inputs()
+    blend = clean_blend(x["latents"], x["clean"])
+    B = x["latents"].shape[0]
+    with torch.no_grad():
+        for sigma, expect in ((1e-4, x["latents"]), (1.0, blend)):
+            v = m(**{**x, "timestep": torch.full((B,), sigma * 1000.0)})
+            x0 = x["latents"] - max(sigma, 0.05) * v
+            assert torch.allclose(x0, expect, atol=1e-3), sigma
+    for kw in (dict(sigma_data=-1.0), dict(sigma_data=0.5, blend_prior=False),
+               dict(sigma_data=0.5, prediction_type="velocity")):
+        with pytest.raises(ValueError, match="sigma_data"):
+            VideoDecoder(**video_decoder_preset("debug", 32), **kw)
+
+
 def test_tokens_of_frames_outside_the_mask_are_ignored(model):
     x = inputs()
     base = model(**x)
@@ -108,6 +126,33 @@ def test_config_round_trip(tmp_path, model, ibq):
     assert json.loads((tmp_path / "vd" / "config.json").read_text())["_class_name"] == "VideoDecoder"
     with pytest.raises(ValueError, match="^video_decoder:"):
         load_video_decoder(str(tmp_path))
+
+
+def test_package_ships_fp16_within_the_budget(tmp_path, model, ibq):
+    """train.sim.package --video-decoder: fp16 files that load back as float32 and sample like the
+    original in fp16; the 80 MB budget counts the other folders under assets/ too."""
+    from safetensors import safe_open
+
+    from train.sim.package import package_video
+
+    src, assets = tmp_path / "run" / "step_000010", tmp_path / "assets"
+    save_video_decoder(str(src), model, ibq, DecoderSettings(frame_size=(32, 32), num_steps=3))
+    (assets / "demo").mkdir(parents=True)
+    (assets / "demo" / "weights.bin").write_bytes(b"0" * 2 ** 20)  # 1 MB of world model beside it
+    out = package_video(str(src), str(assets / "video_decoder"))
+    assert out["assets_mb"] == pytest.approx(out["mb"] + 1.0, abs=0.01)
+    with safe_open(str(assets / "video_decoder" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    loaded, ibq2, settings = load_video_decoder(str(assets / "video_decoder"))
+    assert next(loaded.parameters()).dtype == torch.float32 and settings.num_steps == 3
+    x = inputs()
+    with torch.no_grad():
+        half = VideoDecoder.from_config(model.config).eval()
+        half.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        assert torch.allclose(loaded(**x), half(**x), atol=1e-5)
+    with pytest.raises(ValueError, match="size:.*budget"):
+        package_video(str(src), str(assets / "video_decoder"), max_mb=out["mb"] + 0.5)
+    assert load_video_decoder(str(assets / "video_decoder"))[2].num_steps == 3  # a refusal leaves it as it was
 
 
 # ---------------------------------------------------------------------------------------- scheduler

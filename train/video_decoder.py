@@ -70,6 +70,7 @@ class VideoTrainConfig:
     out_dir: str = "runs/video"
     clips: tuple[str, ...] = ()  # clip folders; () = synthetic clips
     preset: str = "small"  # model.video_decoder.video_decoder_preset name
+    sigma_data: float = 0.0  # the decoder's EDM preconditioning (model/video_decoder.py); 0 = off
     ibq: str = ""  # a load_ibq folder; "" = random ibq_preset(ibq_preset) seeded by `seed`
     ibq_preset: str = "debug"
     frame_size: tuple[int, int] = (64, 64)
@@ -353,7 +354,7 @@ def main(cfg: VideoTrainConfig) -> list[dict]:
         else:
             torch.manual_seed(cfg.seed)
             ibq = IBQ(ibq_preset(cfg.ibq_preset)).eval()
-        model = VideoDecoder(**video_decoder_preset(cfg.preset, ibq.config.embed_dim))
+        model = VideoDecoder(**video_decoder_preset(cfg.preset, ibq.config.embed_dim), sigma_data=cfg.sigma_data)
     if cfg.distill_from:
         teacher = load_video_decoder(cfg.distill_from, device)[0].requires_grad_(False)
     state = common.load_state(resume_dir) if resume_dir else None
