@@ -2,12 +2,13 @@
 (2048 x 64) and factor 8, at a CPU-trainable width (base 32, levels 1-2-4-4: about 4.2M parameters,
 the size of the issue's calibration run). train.tokenizer_ibq then trains it with `--init-from`.
 
-    python -m train.sim.ibq_init --out runs/ibq-init [--norm-groups 8]
+    python -m train.sim.ibq_init --out runs/ibq-init [--norm-groups 8] [--patch-shortcut]
 
-GroupNorm uses 8 groups (4 channels each at the first level, the official model's ratio of 128 channels
-to 32 groups). With the official 32 groups on 32 channels every norm at full resolution is an instance
-norm: it removes each channel's mean per image, so the decoder's last layers cannot say what colour a
-flat wall is; the first shipped tokenizer (32 groups) decoded brown walls grey-green.
+The defaults (32 GroupNorm groups, no patch shortcut) are the shipped tokenizer's. The better recipe
+measured since is `--norm-groups 8 --patch-shortcut`: 32 groups on 32 channels make every norm at full
+resolution an instance norm (each channel's mean, i.e. colour, removed per image: the shipped tokenizer
+decodes brown walls grey-green), and the linear patch path (model.vision_tokenizer.IBQ) carries the
+picture while the deep conv path is still learning (400-step A/B in assets/README.md).
 """
 
 from __future__ import annotations

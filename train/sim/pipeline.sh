@@ -28,7 +28,9 @@ gen doom-unseen-f1-e1m1 --sim doom --episodes 6 --seed 3 --split heldout --wad f
 gen panda-heldout --sim panda --episodes 24 --seed 1 --split heldout
 gen crafter-heldout --sim crafter --episodes 12 --seed 1 --split heldout
 echo "[pipeline] ibq $(date)"
-[ -d "$R/ibq-init" ] || python -m train.sim.ibq_init --out "$R/ibq-init"
+# IBQ_INIT_ARGS: extra train.sim.ibq_init flags. Empty reproduces the shipped tokenizer; the better recipe
+# measured since ("--norm-groups 8 --patch-shortcut", see assets/README.md) needs the whole chain rerun.
+[ -d "$R/ibq-init" ] || python -m train.sim.ibq_init --out "$R/ibq-init" ${IBQ_INIT_ARGS:-}
 python -m train.tokenizer_ibq --recipe demo_cpu --init-from "$R/ibq-init" \
   --images "$D/doom-train/frames" "$D/panda-train/frames" "$D/panda-train/frames" \
   "$D/crafter-train/frames" "$D/crafter-train/frames" --out "$R/ibq-sim" \
