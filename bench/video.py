@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(args):
-    from model.video_sampling import load_video_decoder
+    from model.video_sampling import DecoderSettings, load_video_decoder
 
     if args.preset:
         from model.video_decoder import VideoDecoder, video_decoder_preset
@@ -34,7 +34,8 @@ def build(args):
         torch.manual_seed(0)
         ibq = IBQ(ibq_preset("demo")).eval()
         model = VideoDecoder(**video_decoder_preset(args.preset, ibq.config.embed_dim)).eval()
-        return model.to(args.device), ibq.to(args.device), (64, 64), 3.0, f"random {args.preset}"
+        default = DecoderSettings()  # the frame size and shift a trained decoder gets by default
+        return model.to(args.device), ibq.to(args.device), default.frame_size, default.shift, f"random {args.preset}"
     from worldsim.video import find_video_decoder
 
     path = find_video_decoder(args.checkpoint)

@@ -518,9 +518,13 @@ def save_ibq(model: IBQ, path: str | os.PathLike, layout: str = "worldsim") -> N
     "official" (config.yaml with top-level embed_dim/n_embed/ddconfig + model.ckpt {"state_dict": ...})."""
     if layout not in ("worldsim", "official"):
         raise ValueError(f"layout: must be 'worldsim' or 'official', got {layout!r}")
+    cfg = model.config
+    if layout == "official" and (cfg.norm_groups != 32 or cfg.patch_shortcut):  # refused before writing anything
+        raise ValueError(f"layout: the official layout has no norm_groups or patch_shortcut field (it implies "
+                         f"32 and none), got norm_groups={cfg.norm_groups}, patch_shortcut={cfg.patch_shortcut}; "
+                         f"save with layout='worldsim'")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    cfg = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if layout == "worldsim":
         from safetensors.torch import save_file
@@ -531,10 +535,6 @@ def save_ibq(model: IBQ, path: str | os.PathLike, layout: str = "worldsim") -> N
             json.dump(raw, f, indent=2)
         save_file(state, os.path.join(path, "model.safetensors"))
         return
-    if cfg.norm_groups != 32 or cfg.patch_shortcut:
-        raise ValueError(f"layout: the official layout has no norm_groups or patch_shortcut field (it implies "
-                         f"32 and none), got norm_groups={cfg.norm_groups}, patch_shortcut={cfg.patch_shortcut}; "
-                         f"save with layout='worldsim'")
     import yaml
 
     ddconfig = {"double_z": False, "dropout": cfg.dropout,

@@ -232,6 +232,7 @@ def test_norm_groups(tmp_path):
     assert torch.equal(load_ibq(tmp_path / "ours").encode(x), m.encode(x))
     with pytest.raises(ValueError, match="norm_groups=8"):
         save_ibq(m, tmp_path / "official", layout="official")
+    assert not (tmp_path / "official").exists()  # refused before anything is written
     old = IBQ(ibq_preset("debug"))
     save_ibq(old, tmp_path / "old")
     raw = json.loads((tmp_path / "old" / "config.json").read_text())
@@ -266,6 +267,7 @@ def test_patch_shortcut(tmp_path):
     assert loaded.config.patch_shortcut and torch.equal(loaded.encode(x), codes)
     with pytest.raises(ValueError, match="patch_shortcut=True"):
         save_ibq(m, tmp_path / "official", layout="official")
+    assert not (tmp_path / "official").exists()  # refused before anything is written
 
 
 def test_checkpoint_bad_tensors(model, tmp_path):

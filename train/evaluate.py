@@ -59,7 +59,6 @@ import torch
 from train.sim.clips import SIMS, video_clips
 
 TASKS = ("explore", "manipulate", "guide", "story", "video")
-VIDEO_SIMS = SIMS
 SAMPLERS = ("ar", "dida")
 DEFAULT_IMAGE_AREA = 96 * 96
 
@@ -359,7 +358,7 @@ def video_checkpoint(checkpoint: str | None) -> str:
     return found
 
 
-def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=VIDEO_SIMS) -> dict:
+def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=SIMS) -> dict:
     from model.video_sampling import load_settings
     from train.video_decoder import evaluate_video
 
@@ -386,9 +385,9 @@ def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, 
 
 def parse_sims(text: str) -> tuple[str, ...]:
     sims = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in sims if s not in VIDEO_SIMS]
+    bad = [s for s in sims if s not in SIMS]
     if bad or not sims:
-        raise ValueError(f"sims: must be a comma-separated list of {list(VIDEO_SIMS)}, got {text!r}")
+        raise ValueError(f"sims: must be a comma-separated list of {list(SIMS)}, got {text!r}")
     return tuple(dict.fromkeys(sims))
 
 
@@ -397,7 +396,7 @@ def parse_sims(text: str) -> tuple[str, ...]:
 def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
         map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
         sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8,
-        sims: str = ",".join(VIDEO_SIMS)) -> dict:
+        sims: str = ",".join(SIMS)) -> dict:
     from train.sim.common import check_episodes
 
     if task not in TASKS:
@@ -443,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="ar", choices=SAMPLERS)
     p.add_argument("--dida-steps", type=int, default=8)
     p.add_argument("--image-area", type=int, default=DEFAULT_IMAGE_AREA)
-    p.add_argument("--sims", default=",".join(VIDEO_SIMS), help="video: simulators to draw clips from")
+    p.add_argument("--sims", default=",".join(SIMS), help="video: simulators to draw clips from")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print compact JSON (default: indented)")
     a = p.parse_args(argv)

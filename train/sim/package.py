@@ -26,13 +26,17 @@ def folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
 
 
-def other_assets_mb(out: str) -> float:
-    """MB of the folders beside `out` (the other shipped checkpoints), which share the budget with it."""
+def check_budget(out: str, mb: float, max_mb: float) -> dict:
+    """`mb` for `out` plus the folders beside it (the other shipped checkpoints, which share the budget)
+    must stay within `max_mb`; returns the summary the CLI prints."""
     parent, me = os.path.dirname(os.path.abspath(out)), os.path.abspath(out)
-    if not os.path.isdir(parent):
-        return 0.0
-    return sum(folder_mb(os.path.join(parent, d)) for d in os.listdir(parent)
-               if os.path.isdir(os.path.join(parent, d)) and os.path.join(parent, d) != me)
+    others = sum(folder_mb(os.path.join(parent, d)) for d in os.listdir(parent)
+                 if os.path.isdir(os.path.join(parent, d)) and os.path.join(parent, d) != me) \
+        if os.path.isdir(parent) else 0.0
+    if others + mb > max_mb:
+        raise ValueError(f"size: {out} is {mb:.1f} MB beside {others:.1f} MB of other assets, "
+                         f"over the {max_mb} MB budget")
+    return {"out": out, "mb": round(mb, 2), "assets_mb": round(others + mb, 2)}
 
 
 def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_area: int = 96 * 96) -> dict:
@@ -50,11 +54,7 @@ def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_a
     save_ibq(vq, os.path.join(out, "vision_tokenizer"))
     with open(os.path.join(out, NATIVE_FILE), "w") as f:  # the engine's default image size
         json.dump({"image_area": image_area}, f)
-    mb, others = folder_mb(out), other_assets_mb(out)
-    if others + mb > max_mb:
-        raise ValueError(f"size: {out} is {mb:.1f} MB beside {others:.1f} MB of other assets, "
-                         f"over the {max_mb} MB budget")
-    return {"out": out, "mb": round(mb, 2), "assets_mb": round(others + mb, 2)}
+    return check_budget(out, folder_mb(out), max_mb)
 
 
 def package_video(decoder_dir: str, out: str, max_mb: float = 80.0) -> dict:
@@ -66,16 +66,12 @@ def package_video(decoder_dir: str, out: str, max_mb: float = 80.0) -> dict:
     from model.video_sampling import load_video_decoder, save_video_decoder
 
     model, ibq, settings = load_video_decoder(decoder_dir)
-    others = other_assets_mb(out)
     with tempfile.TemporaryDirectory() as tmp:
         save_video_decoder(tmp, model.half(), ibq.half(), settings)
-        mb = folder_mb(tmp)
-        if others + mb > max_mb:
-            raise ValueError(f"size: {out} would be {mb:.1f} MB beside {others:.1f} MB of other assets, "
-                             f"over the {max_mb} MB budget")
+        summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(tmp, out)
-    return {"out": out, "mb": round(mb, 2), "assets_mb": round(others + mb, 2)}
+    return summary
 
 
 def main(argv=None) -> None:
