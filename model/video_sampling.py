@@ -100,10 +100,18 @@ class Conditions:
     keyframe_embeds: torch.Tensor  # (B, D, F, h, w)
     text_bytes: torch.Tensor | None  # (B, F, L) long
     num_frames: int  # frames asked for (F may be larger: padding)
+    motion: torch.Tensor | None = None  # motion_blend(given, clean), computed once for a motion_prior model
 
-    def model_kwargs(self) -> dict:
-        return dict(clean=self.clean, mask=self.mask, keyframe_embeds=self.keyframe_embeds,
-                    text_bytes=self.text_bytes)
+    def model_kwargs(self, model=None) -> dict:
+        """The keyword arguments of `model`'s forward besides the noisy video and the timestep."""
+        kw = dict(clean=self.clean, mask=self.mask, keyframe_embeds=self.keyframe_embeds, text_bytes=self.text_bytes)
+        if getattr(getattr(model, "config", None), "motion_prior", False):
+            if self.motion is None:
+                from model.video_decoder import motion_blend
+
+                self.motion = motion_blend(self.given, self.clean)
+            kw["motion"] = self.motion
+        return kw
 
 
 def build_conditions(keyframes, indices: list[list[int]], num_frames: int, ibq,
@@ -178,7 +186,7 @@ def sample_video(model, cond: Conditions, *, num_steps: int, shift: float, gener
     x = torch.randn(cond.given.shape, generator=generator).to(device)
     x = write_back(x, cond)
     B = x.shape[0]
-    kwargs = cond.model_kwargs()
+    kwargs = cond.model_kwargs(model)
     for i, t in enumerate(scheduler.timesteps):
         v = model(x, t.expand(B), **kwargs).float()
         x = scheduler.step(v, t, x, return_dict=False)[0]
@@ -192,7 +200,7 @@ def euler_segment(model, x: torch.Tensor, sigmas: torch.Tensor, cond: Conditions
     """Plain Euler steps along per-clip sigma paths: sigmas (B, m + 1), from sigmas[:, 0] to sigmas[:, -1].
     The same update as the scheduler's `step`, for paths that differ per clip (distillation targets);
     writes back clean frames after each step. Grad follows torch's mode."""
-    kwargs = cond.model_kwargs()
+    kwargs = cond.model_kwargs(model)
     for j in range(sigmas.shape[1] - 1):
         s, s_next = sigmas[:, j], sigmas[:, j + 1]
         v = model(x, s * 1000.0, **kwargs).float()

@@ -65,6 +65,21 @@ def test_video_keys_and_pooling(decoder, capsys):
     assert out["baseline_psnr"] > out["model_psnr"]  # random weights must not beat a cross-fade
 
 
+def test_video_span_and_tics(decoder, capsys):
+    """--span sets the keyframe distance, --doom-tics the ViZDoom clips' rate (1: the frames between two
+    world steps); both are checked and only for --task video."""
+    rc, out, err = _run(capsys, ["--checkpoint", decoder, "--sims", "vizdoom", "--episodes", "1",
+                                 "--scenario", "basic", "--span", "5", "--doom-tics", "1"])
+    assert rc == 0, err
+    assert out["span"] == 5 and out["per_sim"]["vizdoom"]["doom_tics"] == 1
+    rc, out, err = _run(capsys, ["--checkpoint", decoder, "--span", "2"])
+    assert rc == 2 and "span: must be at least 3" in err
+    rc, out, err = _run(capsys, ["--checkpoint", decoder, "--sims", "vizdoom", "--doom-tics", "3"])
+    assert rc == 2 and "tics: must divide" in err
+    assert evaluate.main(["--task", "guide", "--span", "5", "--json"]) == 2
+    assert "span/doom_tics: only for --task video" in capsys.readouterr().err
+
+
 def test_clips_are_continuous(monkeypatch):
     from train.sim import clips as C
     from train.sim import doom
@@ -79,15 +94,22 @@ def test_clips_are_continuous(monkeypatch):
         train_clip = C.video_clips(sim, None, 1, 0, 8, split="train")[0][0]
         assert not np.array_equal(train_clip[0], clip[0])  # another seed (and colour set): another scene
     world = doom.resolve_world("basic")
-    assert C.doom_clip(world, 5, 3, 6).shape == (6, doom.HEIGHT, doom.WIDTH, 3)
+    steps = C.doom_clip(world, 5, 3, 6)
+    assert steps.shape == (6, doom.HEIGHT, doom.WIDTH, 3)
+    # every tic: the same walk, a world step every TICS frames, and frames in between that differ
+    tics = C.doom_clip(world, 5, 3, 4 * doom.TICS + 1, tics=1)
+    assert np.array_equal(tics[::doom.TICS], steps[:5])
+    assert np.abs(tics[1:doom.TICS].astype(int) - tics[0]).mean() > 0
+    with pytest.raises(ValueError, match="tics: must divide"):
+        C.doom_clip(world, 5, 3, 6, tics=3)
     step = doom.DoomWorld.step
     calls = []
 
-    def restarting(self, action):  # the engine restarts the episode on the 5th step (as after a death)
+    def restarting(self, action, tics=doom.TICS):  # the engine restarts the episode on the 5th step (a death)
         calls.append(action)
         if len(calls) == 5:
             self.game.new_episode()
-        return step(self, action)
+        return step(self, action, tics)
 
     monkeypatch.setattr(doom.DoomWorld, "step", restarting)
     assert C.doom_clip(world, 5, 3, 6) is None  # a cut is no trajectory

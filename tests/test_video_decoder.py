@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.video_decoder import VideoDecoder, clean_blend, video_decoder_preset
+from model.video_decoder import VideoDecoder, bilateral_flow, clean_blend, motion_blend, video_decoder_preset
 from model.video_sampling import (DecoderSettings, build_conditions, euler_segment, load_video_decoder,
                                   make_scheduler, pad_frames, sample_video, save_video_decoder, set_schedule,
                                   shifted, text_to_bytes)
@@ -89,6 +89,57 @@ def test_preconditioning_limits():
                dict(sigma_data=0.5, prediction_type="velocity")):
         with pytest.raises(ValueError, match="sigma_data"):
             VideoDecoder(**video_decoder_preset("debug", 32), **kw)
+
+
+def panning(frames=8, step=2, size=32):
+    """(1, 3, frames, size, size): a smooth random texture panning right by `step` px a frame."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.nn.functional.avg_pool2d(torch.rand(1, 3, size, size + step * frames + 8, generator=g), 3, 1, 1)
+    x0 = step * frames
+    return torch.stack([wide[0, :, :, x0 - step * k:x0 - step * k + size] for k in range(frames)], dim=1)[None] * 2 - 1
+
+
+@torch.no_grad()
+def test_motion_blend_follows_motion():
+    """Between two clean frames of a pan, the motion-compensated blend is the true in-between frame
+    (away from the borders the pan brings in), where the linear blend ghosts; frames without a clean
+    frame on both sides are the linear blend's."""
+    video = panning()
+    clean = torch.zeros(1, 8)
+    clean[0, [0, 4]] = 1
+    motion, linear = motion_blend(video, clean), clean_blend(video, clean)
+    inner = (slice(None), slice(None), slice(1, 4), slice(None), slice(10, -10))
+    assert ((motion - video)[inner] ** 2).mean() < 1e-6 < 1e-3 < ((linear - video)[inner] ** 2).mean()
+    assert torch.equal(motion[:, :, 4:], linear[:, :, 4:]) and torch.equal(motion[:, :, 0], video[:, :, 0])
+    flow = bilateral_flow(video[:, :, 0], video[:, :, 4])
+    inside = flow[0, :, 8:-8, 8:-8]  # away from the borders
+    assert torch.all(inside[0] == 8) and torch.all(inside[1] == 0)  # 4 frames x 2 px, no dy
+    none = torch.zeros(1, 8)
+    assert torch.equal(motion_blend(video, none), clean_blend(video, none))
+
+
+@torch.no_grad()
+def test_motion_prior_decoder():
+    """motion_prior: the untrained decoder predicts the even mix of the linear and motion-compensated
+    blends (its gate starts at 0.5); the sampler's precomputed blend (Conditions.model_kwargs) gives what
+    forward computes itself; the prior needs blend_prior and 'sample' prediction."""
+    m = VideoDecoder(**video_decoder_preset("debug", 32), motion_prior=True).eval()
+    video = panning()
+    x = dict(inputs(B=1), latents=torch.where(torch.arange(8)[None, None, :, None, None] % 7 == 0, video,
+                                              torch.randn(1, 3, 8, 32, 32)))
+    x["timestep"] = torch.tensor([600.0])
+    linear, motion = clean_blend(x["latents"], x["clean"]), motion_blend(x["latents"], x["clean"])
+    x0 = x["latents"] - 0.6 * m(**x)
+    assert torch.allclose(x0, (linear + motion) / 2, atol=1e-5)
+    given = torch.where(x["clean"][:, None, :, None, None] > 0, x["latents"], torch.zeros(()))
+    cond = build_conditions(video[0, :, [0, 7]].permute(1, 0, 2, 3)[None], [[0, 7]], 8, IBQ(ibq_preset("debug")))
+    assert torch.allclose(cond.given, given) and cond.motion is None
+    kw = cond.model_kwargs(m)
+    assert torch.equal(kw["motion"], motion_blend(given, cond.clean)) and cond.model_kwargs(m)["motion"] is kw["motion"]
+    assert "motion" not in cond.model_kwargs(VideoDecoder(**video_decoder_preset("debug", 32)))
+    for kw in (dict(blend_prior=False), dict(prediction_type="velocity")):
+        with pytest.raises(ValueError, match="motion_prior"):
+            VideoDecoder(**video_decoder_preset("debug", 32), motion_prior=True, **kw)
 
 
 def test_tokens_of_frames_outside_the_mask_are_ignored(model):

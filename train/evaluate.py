@@ -4,7 +4,7 @@ were trained on (DESIGN "the simulator is also the ground truth"). Prints JSON m
     python -m train.evaluate --task {explore,manipulate,guide,story,video} [--checkpoint DIR]
         [--scenario NAME_OR_CFG | --wad FILE --map MAP] [--episodes N] [--seed S] [--steps K]
         [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--context C]
-        [--sims vizdoom,crafter,pybullet] [--json]
+        [--sims vizdoom,crafter,pybullet] [--span N] [--doom-tics T] [--json]
 
 Held-out by construction: episode seeds are `seed + HELDOUT_SEED_OFFSET` of each simulator, PyBullet uses
 the held-out colour set, and ViZDoom runs the training scenarios (new seeds) unless --scenario / --wad
@@ -32,8 +32,11 @@ used in training) and every PSNR is computed there, on decoded pixels against th
   compared with the episode's events: `event_recall` (true events told), `beat_precision` (told beats
   that happened), `agreement` (their F1), `valid_beat_fraction` (beats that are known event sentences).
 - video (the video decoder; the world model is not loaded): `--episodes` continuous held-out clips per
-  simulator in `--sims`, each as long as the decoder's training clips (num_frames in its
-  video_decoder.json). The decoder in-betweens each clip from its first and last frame
+  simulator in `--sims`, each `--span` frames long (default: the decoder's eval_span, else its training
+  num_frames, from its video_decoder.json), ViZDoom clips at `--doom-tics` tics a frame (default: the
+  decoder's doom_tics, else a world step: 1 with span 5 is one world step at the engine's 35 fps, the
+  gap the renderer fills between two session images). The decoder in-betweens each clip from its first
+  and last frame
   (train.video_decoder.evaluate_video): `model_psnr` (its in-between frames against the simulator's),
   `baseline_psnr` (the linear cross-fade of the two keyframes), `few_step_speedup` /
   `few_step_psnr_drop` (the few-step decoder against the many-step one), overall (pooled over all
@@ -358,16 +361,21 @@ def video_checkpoint(checkpoint: str | None) -> str:
     return found
 
 
-def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=SIMS) -> dict:
+def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=SIMS,
+          span: int | None = None, doom_tics: int | None = None) -> dict:
     from model.video_sampling import load_settings
     from train.video_decoder import evaluate_video
 
     path = video_checkpoint(checkpoint)
-    num_frames = int(load_settings(path).extra.get("num_frames", 12))  # evaluate_video's default span
+    extra = load_settings(path).extra
+    span = span or int(extra.get("eval_span") or extra.get("num_frames", 12))
+    doom_tics = doom_tics or extra.get("doom_tics") or None
+    if span < 3:
+        raise ValueError(f"span: must be at least 3 (two keyframes and a frame between), got {span}")
     per_sim, shared = {}, {}
     for sim in sims:
-        clips, facts = video_clips(sim, world, episodes, seed, num_frames)  # held-out split
-        r = evaluate_video(path, clips, span=num_frames, max_clips=len(clips), seed=seed)
+        clips, facts = video_clips(sim, world, episodes, seed, span, doom_tics=doom_tics)  # held-out split
+        r = evaluate_video(path, clips, span=span, max_clips=len(clips), seed=seed)
         shared = {k: r.pop(k) for k in ("few_steps", "many_steps", "span", "checkpoint", "teacher")}
         per_sim[sim] = {**r, **facts}
     n = sum(r["num_clips"] for r in per_sim.values())
@@ -396,7 +404,7 @@ def parse_sims(text: str) -> tuple[str, ...]:
 def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
         map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
         sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8,
-        sims: str = ",".join(SIMS)) -> dict:
+        sims: str = ",".join(SIMS), span: int | None = None, doom_tics: int | None = None) -> dict:
     from train.sim.common import check_episodes
 
     if task not in TASKS:
@@ -405,6 +413,8 @@ def run(task: str, checkpoint: str | None = None, scenario: str | None = None, w
     for name, v in (("steps", steps), ("context", context), ("dida_steps", dida_steps), ("rollout", rollout)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+    if task != "video" and (span or doom_tics):
+        raise ValueError("span/doom_tics: only for --task video")
     world = None
     if scenario or wad or map_name:
         if task not in ("explore", "video"):
@@ -413,7 +423,7 @@ def run(task: str, checkpoint: str | None = None, scenario: str | None = None, w
 
         world = doom.resolve_world(scenario, wad, map_name)  # checked before the model loads
     if task == "video":
-        out = video(checkpoint, world, episodes, seed, parse_sims(sims))
+        out = video(checkpoint, world, episodes, seed, parse_sims(sims), span, doom_tics)
         return {"task": task, "episodes": episodes, "seed": seed, **out}
     ev = Evaluator(checkpoint, sampler, dida_steps, image_area, seed)
     if task == "explore":
@@ -443,6 +453,8 @@ def main(argv=None) -> int:
     p.add_argument("--dida-steps", type=int, default=8)
     p.add_argument("--image-area", type=int, default=DEFAULT_IMAGE_AREA)
     p.add_argument("--sims", default=",".join(SIMS), help="video: simulators to draw clips from")
+    p.add_argument("--span", type=int, help="video: frames from keyframe to keyframe (default: the decoder's)")
+    p.add_argument("--doom-tics", type=int, help="video: tics a ViZDoom frame (default: the decoder's, else 4)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print compact JSON (default: indented)")
     a = p.parse_args(argv)
@@ -450,7 +462,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     try:
         out = run(a.task, a.checkpoint, a.scenario, a.wad, a.map_name, a.episodes, a.seed, a.steps, a.context,
-                  a.sampler, a.dida_steps, a.image_area, a.rollout, a.sims)
+                  a.sampler, a.dida_steps, a.image_area, a.rollout, a.sims, a.span, a.doom_tics)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         if a.json:

@@ -71,6 +71,7 @@ class VideoTrainConfig:
     clips: tuple[str, ...] = ()  # clip folders; () = synthetic clips
     preset: str = "small"  # model.video_decoder.video_decoder_preset name
     sigma_data: float = 0.0  # the decoder's EDM preconditioning (model/video_decoder.py); 0 = off
+    motion_prior: bool = False  # the decoder's gated motion-compensated prior (model/video_decoder.py)
     ibq: str = ""  # a load_ibq folder; "" = random ibq_preset(ibq_preset) seeded by `seed`
     ibq_preset: str = "debug"
     frame_size: tuple[int, int] = (64, 64)
@@ -83,6 +84,10 @@ class VideoTrainConfig:
     text_bytes: int = 64
     min_clip_frames: int = 5
     max_stride: int = 2  # clip frames: every 1st .. every max_stride-th frame (speed augmentation)
+    # recorded in the checkpoint for train.evaluate --task video (which otherwise in-betweens num_frames
+    # frames of clips at one world step a frame):
+    eval_span: int = 0  # frames from keyframe to keyframe to evaluate (0: num_frames)
+    doom_tics: int = 0  # tics a frame of the ViZDoom clips (train.sim.clips --doom-tics; 0: a world step)
     batch_size: int = 8
     steps: int = 3000
     lr: float = 3e-4
@@ -321,6 +326,8 @@ def _load_clips(cfg: VideoTrainConfig) -> list | None:
 def _check(cfg: VideoTrainConfig) -> None:
     if cfg.num_frames % 4 or cfg.num_frames < 4:
         raise ValueError(f"num_frames: must be a positive multiple of 4, got {cfg.num_frames}")
+    if cfg.eval_span and not 3 <= cfg.eval_span:
+        raise ValueError(f"eval_span: must be 0 (num_frames) or at least 3, got {cfg.eval_span}")
     if not 2 <= cfg.min_span <= cfg.num_frames:
         raise ValueError(f"min_span: must be in [2, num_frames={cfg.num_frames}], got {cfg.min_span}")
     if cfg.loss_space not in ("x0", "velocity"):
@@ -354,7 +361,8 @@ def main(cfg: VideoTrainConfig) -> list[dict]:
         else:
             torch.manual_seed(cfg.seed)
             ibq = IBQ(ibq_preset(cfg.ibq_preset)).eval()
-        model = VideoDecoder(**video_decoder_preset(cfg.preset, ibq.config.embed_dim), sigma_data=cfg.sigma_data)
+        model = VideoDecoder(**video_decoder_preset(cfg.preset, ibq.config.embed_dim), sigma_data=cfg.sigma_data,
+                             motion_prior=cfg.motion_prior)
     if cfg.distill_from:
         teacher = load_video_decoder(cfg.distill_from, device)[0].requires_grad_(False)
     state = common.load_state(resume_dir) if resume_dir else None
@@ -404,7 +412,7 @@ def main(cfg: VideoTrainConfig) -> list[dict]:
             with torch.no_grad():
                 landed = euler_segment(teacher, x, path, cond)
             target = (landed - x) / (path[:, -1] - sigma)[:, None, None, None, None]
-        pred = model(x, sigma * 1000.0, **cond.model_kwargs())
+        pred = model(x, sigma * 1000.0, **cond.model_kwargs(model))
         scale = None
         if teacher is None and cfg.loss_space == "x0":
             scale = sigma.clamp(min=MIN_SIGMA) ** 2  # the model's own sigma floor: exactly the x0 error
@@ -429,7 +437,8 @@ def main(cfg: VideoTrainConfig) -> list[dict]:
                 out = VideoDecoder.from_config(model.config)
                 out.load_state_dict(ema)
             extra = {"step": step, "clips": list(cfg.clips) or "synthetic", "num_frames": cfg.num_frames,
-                     "preset": cfg.preset}
+                     "preset": cfg.preset, "eval_span": cfg.eval_span or cfg.num_frames,
+                     "doom_tics": cfg.doom_tics or None}
             distilled = cfg.distill_from is not None
             settings = DecoderSettings(
                 frame_size=tuple(cfg.frame_size), num_steps=cfg.student_steps if distilled else cfg.sample_steps,

@@ -8,7 +8,8 @@ writes `out/{sim}/{i:05d}/{k:03d}.png` (the clip folders `train.video_decoder --
 {"sim", "split", "clips", "frames", "redrawn_clips"} as JSON.
 
 The clips:
-- vizdoom: doom.policy's random walk (`doom.TICS` tics a frame) after 0-39 unrecorded steps; training
+- vizdoom: doom.policy's random walk (`doom.TICS` tics a frame, i.e. a world step; `doom_tics=1` records
+  every tic, the frames a renderer in-betweens two world steps with) after 0-39 unrecorded steps; training
   clips run in doom.train_worlds() (the bundled scenarios and freedoom2 MAP01-MAP10) with seeds below
   doom.HELDOUT_SEED_OFFSET, held-out ones in the training scenarios (or the given world) with seeds above
   it. A clip in which the player dies or the episode restarts is a cut, not a trajectory, so it is
@@ -18,8 +19,9 @@ The clips:
   it) after 0-19 unrecorded moves; a death redraws as above.
 - pybullet: panda.episode keeps only the frame at each subtask's end (and one per arm move), too far
   apart for in-betweening, so the clip drives PandaWorld itself: the arm grasps a cube (not recorded),
-  then carries it to above the pad along a straight line of num_frames - 1 IK targets, each reached
-  with physics steps and rendered (real frames of one continuous motion, nothing interpolated).
+  then carries it to above the pad along a straight line of IK targets (PANDA_CARRY_FRAMES frames for
+  the whole carry: a shorter clip is its start), each reached with physics steps and rendered (real
+  frames of one continuous motion, nothing interpolated).
   Training scenes use panda.TRAIN_COLOURS, held-out ones panda.HELDOUT_COLOURS.
 """
 
@@ -37,20 +39,28 @@ from train.sim.common import check_split
 SIMS = ("vizdoom", "crafter", "pybullet")
 
 
-def doom_clip(world: dict, seed: int, warmup: int, num_frames: int, min_frames: int | None = None) -> np.ndarray | None:
-    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding). When the player dies
-    or the episode ends inside the recorded frames (the engine restarts: a cut), the frames before the
-    cut if there are at least `min_frames` (default num_frames: the whole clip), else None."""
+def doom_clip(world: dict, seed: int, warmup: int, num_frames: int, min_frames: int | None = None,
+              tics: int | None = None) -> np.ndarray | None:
+    """(num_frames, H, W, 3) uint8 of doom.episode's walk (same policy and seeding), a frame every `tics`
+    tics (default doom.TICS: one world step a frame; 1 records every tic, the engine's 35 fps, so a world
+    step spans TICS frames). When the player dies or the episode ends inside the recorded frames (the
+    engine restarts: a cut), the frames before the cut if there are at least `min_frames` (default
+    num_frames: the whole clip), else None."""
     from train.sim import doom
 
-    acts = doom.policy(np.random.default_rng([seed, 7]), warmup + num_frames - 1)
+    tics = tics or doom.TICS
+    if not 1 <= tics <= doom.TICS or doom.TICS % tics:
+        raise ValueError(f"tics: must divide {doom.TICS} (tics per world step), got {tics}")
+    per_step = doom.TICS // tics
+    steps = -(-(num_frames - 1) // per_step)
+    acts = doom.policy(np.random.default_rng([seed, 7]), warmup + steps)
     w = doom.DoomWorld(world, seed)
     try:
         for a in acts[:warmup]:
             w.step(a)
         frames, t = [w.frame()], w.game.get_episode_time()
-        for a in acts[warmup:]:
-            frames.append(w.step(a))
+        for a in [a for a in acts[warmup:] for _ in range(per_step)][:num_frames - 1]:
+            frames.append(w.step(a, tics))
             if w.game.get_episode_time() <= t:  # restarted
                 frames.pop()
                 return np.stack(frames) if len(frames) >= (min_frames or num_frames) else None
@@ -79,9 +89,13 @@ def crafter_clip(seed: int, warmup: int, num_frames: int) -> np.ndarray | None:
     return None if ag.dead else np.stack(frames)
 
 
+PANDA_CARRY_FRAMES = 16  # a carry's frames: the arm's speed, whatever the clip's length
+
+
 def panda_clip(seed: int, num_frames: int, split: str = "heldout") -> np.ndarray:
-    """(num_frames, 128, 128, 3) uint8: the arm carries a grasped cube to 12 cm above the pad through
-    num_frames - 1 evenly spaced IK targets, rendered at each (colours of `split`)."""
+    """(num_frames, 128, 128, 3) uint8: the arm carries a grasped cube towards 12 cm above the pad through
+    evenly spaced IK targets, rendered at each (colours of `split`). The carry takes PANDA_CARRY_FRAMES
+    frames (more when num_frames is larger), so a short clip is the carry's start at the same speed."""
     from train.sim import panda
 
     colours = panda.TRAIN_COLOURS if check_split(split) == "train" else panda.HELDOUT_COLOURS
@@ -92,9 +106,9 @@ def panda_clip(seed: int, num_frames: int, split: str = "heldout") -> np.ndarray
         w.move(w.pos(cube), steps=160, fingers=0.04, record=False)
         w.close_on(cube)
         start, goal = w.ee(), w.pos(pad) + [0, 0, panda.CUBE / 2 + 0.12]
-        frames = [w.render()[0]]
+        frames, n = [w.render()[0]], max(num_frames, PANDA_CARRY_FRAMES) - 1
         for i in range(1, num_frames):
-            w.move(start + (goal - start) * i / (num_frames - 1), steps=60, pieces=1, record=False)
+            w.move(start + (goal - start) * i / n, steps=60, pieces=1, record=False)
             frames.append(w.render()[0])
         return np.stack(frames)
     finally:
@@ -102,7 +116,7 @@ def panda_clip(seed: int, num_frames: int, split: str = "heldout") -> np.ndarray
 
 
 def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_frames: int,
-                split: str = "heldout", max_tries: int = 8) -> tuple[list[np.ndarray], dict]:
+                split: str = "heldout", max_tries: int = 8, doom_tics: int | None = None) -> tuple[list[np.ndarray], dict]:
     """`episodes` clips of `sim` from `split` (see the module docstring) and facts about them."""
     from train.sim import craft, doom, panda
 
@@ -123,7 +137,7 @@ def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_fram
             if sim == "vizdoom":
                 s = s % doom.HELDOUT_SEED_OFFSET if train else s
                 clip = doom_clip(worlds[i % len(worlds)], s, int(rng.integers(0, 40)), num_frames,
-                                 min(num_frames, 8) if train else None)
+                                 min(num_frames, 8) if train else None, doom_tics)
             elif sim == "crafter":
                 clip = crafter_clip(offset + s % craft.HELDOUT_SEED_OFFSET, int(rng.integers(0, 20)), num_frames)
             else:
@@ -138,14 +152,16 @@ def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_fram
     facts = {"redrawn_clips": redrawn}
     if sim == "vizdoom":
         facts["worlds"] = sorted({w["name"] for w in worlds[:episodes]})
+        facts["doom_tics"] = doom_tics or doom.TICS
     return clips, facts
 
 
-def write_clips(out: str, sim: str, split: str, num: int, num_frames: int, seed: int) -> dict:
+def write_clips(out: str, sim: str, split: str, num: int, num_frames: int, seed: int,
+                doom_tics: int | None = None) -> dict:
     """Write `num` clips as out/{sim}/{i:05d}/{k:03d}.png; returns the summary the CLI prints."""
     from PIL import Image
 
-    clips, facts = video_clips(sim, None, num, seed, num_frames, split)
+    clips, facts = video_clips(sim, None, num, seed, num_frames, split, doom_tics=doom_tics)
     for i, clip in enumerate(clips):
         d = os.path.join(out, sim, f"{i:05d}")
         os.makedirs(d, exist_ok=True)
@@ -161,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=100, help="clips")
     p.add_argument("--num-frames", type=int, default=24, help="frames per clip (>= 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--doom-tics", type=int, help="vizdoom: tics a frame (default: one world step; 1: every tic)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
             raise ValueError(f"num: must be a positive integer, got {a.num}")
         if a.num_frames < 2:
             raise ValueError(f"num-frames: must be at least 2, got {a.num_frames}")
-        print(json.dumps(write_clips(a.out, a.sim, a.split, a.num, a.num_frames, a.seed)))
+        print(json.dumps(write_clips(a.out, a.sim, a.split, a.num, a.num_frames, a.seed, a.doom_tics)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

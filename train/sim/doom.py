@@ -162,10 +162,11 @@ class DoomWorld:
             st = self.game.get_state()
         return np.asarray(st.screen_buffer, dtype=np.uint8).reshape(HEIGHT, WIDTH, 3).copy()
 
-    def step(self, action: str) -> np.ndarray:
+    def step(self, action: str, tics: int = TICS) -> np.ndarray:
+        """Hold `action` for `tics` tics (a world step is TICS; video clips record single tics)."""
         vec = [0.0] * len(ACTIONS)
         vec[ACTIONS.index(action)] = 1.0
-        self.game.make_action(vec, TICS)
+        self.game.make_action(vec, tics)
         if self.game.is_episode_finished() or self.game.is_player_dead():
             self.game.new_episode()  # died or timed out: continue from a fresh start
         return self.frame()

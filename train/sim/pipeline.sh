@@ -11,6 +11,7 @@ PRE_STEPS=${PRE_STEPS:-800}
 SFT_STEPS=${SFT_STEPS:-300}
 DEVICE=${DEVICE:-cpu}  # cuda on a lent GPU
 DIDA_STEPS=${DIDA_STEPS:-200}
+OUT=${OUT:-assets/demo}  # where train.sim.package writes the shipped checkpoints
 LM_MODEL='{"hidden_size":256,"intermediate_size":768,"num_layers":4,"num_heads":4,"num_kv_heads":2,"head_dim":64,"max_position_embeddings":4096,"dropout":0.0}'
 gen() {  # gen NAME ARGS...: one generator run, skipped when its summary exists
   local name=$1; shift
@@ -60,5 +61,5 @@ python -m train.dida --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "
 # No balancing pass after DiDA: 80 steps on PyBullet + Crafter (alone, or 4x/8x beside ViZDoom) taught plans
 # and guides their own sentences but cost 3.9-4.3 dB of explore PSNR (see assets/README.md).
 echo "[pipeline] package $(date)"
-python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out assets/demo
+python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out "$OUT"
 echo "[pipeline] done $(date)"
