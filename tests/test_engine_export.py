@@ -131,8 +131,12 @@ def test_render_slideshow_matches_the_keyframes(session, tmp_path):
         assert err[own] < min(e for k, e in enumerate(err) if k != own) / 2, f"frame {i} looks like another keyframe"
 
 
-def test_cli_export_and_render(session, tmp_path, capsys):
+def test_cli_export_and_render(session, tmp_path, capsys, monkeypatch):
+    import worldsim.video
     from worldsim.cli import main
+
+    monkeypatch.delenv(worldsim.video.ENV, raising=False)  # the slideshow (tests/test_video_render.py: decoder)
+    monkeypatch.setattr(worldsim.video, "ASSET", str(tmp_path / "no_video_decoder"))
 
     eng, sid, plan = session
     common = ["--database-url", eng.store.url, "--user", "alice", "--workers", "0"]
@@ -143,7 +147,7 @@ def test_cli_export_and_render(session, tmp_path, capsys):
     assert json.loads((tmp_path / "s.json").read_text())["session_id"] == sid
     assert main(["render", plan, "--out", str(tmp_path / "plan.mp4"), "--fps", "2", *common]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert got["keyframes"] == 3 and got["frames"] == 6
+    assert got["keyframes"] == 3 and got["frames"] == 6 and got["renderer"] == "slideshow"
     assert len(read_video(str(tmp_path / "plan.mp4"))) == 6
     # bob cannot export alice's session
     assert main(["export", sid, "--format", "json", "--out", str(tmp_path / "b.json"),

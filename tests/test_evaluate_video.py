@@ -149,3 +149,16 @@ def test_bad_checkpoints(decoder, tmp_path, capsys, monkeypatch):
     assert rc == 2 and "pass --checkpoint" in err and "python -m train.video_decoder" in out["error"]
     rc, out, err = _run(capsys, ["--checkpoint", decoder, "--sims", "vizdoom,unreal"])
     assert rc == 2 and "sims: must be a comma-separated list of" in err
+
+
+def test_shipped_decoder_in_betweens_the_arm(capsys):
+    """The shipped decoder (assets/video_decoder) on held-out Panda gaps of one world step: its 4-step
+    in-betweens beat the cross-fade clearly (measured: 27.9 against 23.3 dB over 16 clips)."""
+    import worldsim.video
+
+    if not os.path.isdir(worldsim.video.ASSET):
+        pytest.skip("assets/video_decoder is not shipped")
+    rc, out, err = _run(capsys, ["--checkpoint", worldsim.video.ASSET, "--sims", "pybullet", "--episodes", "3"])
+    assert rc == 0, err
+    assert out["span"] == 5 and out["few_steps"] == 4
+    assert out["model_psnr"] > out["baseline_psnr"] + 2.0, out

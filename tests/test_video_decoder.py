@@ -204,6 +204,13 @@ def test_package_ships_fp16_within_the_budget(tmp_path, model, ibq):
     with pytest.raises(ValueError, match="size:.*budget"):
         package_video(str(src), str(assets / "video_decoder"), max_mb=out["mb"] + 0.5)
     assert load_video_decoder(str(assets / "video_decoder"))[2].num_steps == 3  # a refusal leaves it as it was
+    package_video(str(src), str(assets / "video_decoder"), num_steps=4)  # the steps it ships with
+    assert load_video_decoder(str(assets / "video_decoder"))[2].num_steps == 4
+    distilled = tmp_path / "distilled"
+    save_video_decoder(str(distilled), model, ibq, DecoderSettings(frame_size=(32, 32), num_steps=2, teacher_steps=8))
+    for steps, field in ((0, "num_steps: must be a positive"), (4, "num_steps: .* is distilled for 2 steps")):
+        with pytest.raises(ValueError, match=field):
+            package_video(str(distilled), str(assets / "video_decoder"), num_steps=steps)
 
 
 # ---------------------------------------------------------------------------------------- scheduler

@@ -57,15 +57,23 @@ def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_a
     return check_budget(out, folder_mb(out), max_mb)
 
 
-def package_video(decoder_dir: str, out: str, max_mb: float = 80.0) -> dict:
-    """The video decoder folder in fp16 at `out`; refuses when the assets folder beside `out` (out's
-    siblings, the shipped world model among them) and it would exceed `max_mb` together."""
+def package_video(decoder_dir: str, out: str, max_mb: float = 80.0, num_steps: int | None = None) -> dict:
+    """The video decoder folder in fp16 at `out`, sampling with `num_steps` (default: its own count; an
+    undistilled decoder only); refuses when the assets folder beside `out` (out's siblings, the shipped
+    world model among them) and it would exceed `max_mb` together."""
+    import dataclasses
     import shutil
     import tempfile
 
     from model.video_sampling import load_video_decoder, save_video_decoder
 
     model, ibq, settings = load_video_decoder(decoder_dir)
+    if num_steps is not None:
+        if not isinstance(num_steps, int) or num_steps <= 0:
+            raise ValueError(f"num_steps: must be a positive integer, got {num_steps!r}")
+        if settings.teacher_steps is not None and num_steps != settings.num_steps:
+            raise ValueError(f"num_steps: {decoder_dir} is distilled for {settings.num_steps} steps, got {num_steps}")
+        settings = dataclasses.replace(settings, num_steps=num_steps)
     with tempfile.TemporaryDirectory() as tmp:
         save_video_decoder(tmp, model.half(), ibq.half(), settings)
         summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
@@ -79,12 +87,13 @@ def main(argv=None) -> None:
     p.add_argument("--model")
     p.add_argument("--vision-tokenizer")
     p.add_argument("--video-decoder", help="package this video decoder folder instead (to --out)")
+    p.add_argument("--num-steps", type=int, help="--video-decoder: the sampling steps it ships with")
     p.add_argument("--out", default="assets/demo")
     p.add_argument("--max-mb", type=float, default=80.0)
     p.add_argument("--image-area", type=int, default=96 * 96, help="pixels per image in the training data")
     a = p.parse_args(argv)
     if a.video_decoder:
-        print(package_video(a.video_decoder, a.out, a.max_mb))
+        print(package_video(a.video_decoder, a.out, a.max_mb, a.num_steps))
     elif a.model and a.vision_tokenizer:
         print(package(a.model, a.vision_tokenizer, a.out, a.max_mb, a.image_area))
     else:
