@@ -58,13 +58,14 @@ both clean frames are warped along it to the frame's time before blending. The n
 as extra input pixels and predicts, beside its residual, a per-pixel gate g = sigmoid(8 out) (0.5
 untrained): prior = blend + g (motion - blend). The factor 8 lets Adam's bounded steps move the gate as
 fast as the residual: without it, after 1,250 steps the mean gate was still 0.59 / 0.39 / 0.68 on
-ViZDoom / Crafter / PyBullet and the decoder had not got past the even mix. Why: the small DiT did not learn to move content between keyframes on
-a CPU budget (at sigma 1 it stayed at the cross-fade), while warping is what frame interpolation needs
-first. Measured on held-out simulator gaps of 4 frames at 64 x 64 (train/video_decoder evaluation,
-cross-fade -> motion blend alone): ViZDoom turning and walking 27.6 -> 28.8 dB, the Panda arm 23.7 ->
-28.9 dB, but Crafter 25.8 -> 24.5 dB (its view jumps a whole tile a move, so a smooth warp of the net
-displacement is wrong where the path turns): hence the learned gate rather than a fixed choice. The
-search costs ~0.03 s a gap on one CPU thread and is done once per sampling (`Conditions.model_kwargs`).
+ViZDoom / Crafter / PyBullet and the decoder had not got past the even mix. Why a prior at all: the
+small DiT did not learn to move content between keyframes on a CPU budget (at sigma 1 it stayed at the
+cross-fade), while warping is what frame interpolation needs first. On 12 held-out simulator gaps of 4
+frames each at 64 x 64 (cross-fade -> motion blend alone): ViZDoom turning and walking 27.6 -> 28.8 dB,
+the Panda arm 23.7 -> 28.9 dB, but Crafter 25.8 -> 24.5 dB (its view jumps a whole tile a move, so a
+smooth warp of the net displacement is wrong where the path turns): hence a learned gate rather than a
+fixed choice. The search costs ~0.03 s a gap on one CPU thread and is done once per sampling
+(`Conditions.model_kwargs`). The shipped decoder's figures are in assets/README.md.
 
 The body is a plain DiT: patch embedding, fixed 3-D sine-cosine positions (so any frame count and any
 grid of patches works), AdaLN-Zero blocks of full bidirectional self-attention (with QK RMSNorm) and a
@@ -178,8 +179,8 @@ def bilateral_flow(first: torch.Tensor, last: torch.Tensor, window: int = 7, pen
     displacement d (N, 2, H, W), in pixels, for which first(x - d/2) matches last(x + d/2) best over a
     `window` box at half resolution (mean over it of the squared differences summed over channels, plus
     `penalty` |d|^2, so flat regions keep small motion). Searched exhaustively at half resolution over
-    |dx| <= W/4, |dy| <= H/8 (steps of 2 px). Bilateral (symmetric) matching gives every pixel of the in-between
-    frame one motion, so warping leaves no holes."""
+    |dx| <= W/4, |dy| <= H/8 (steps of 2 px). Bilateral (symmetric) matching gives every pixel of the
+    in-between frame one motion, so warping leaves no holes."""
     N, C, H, W = first.shape
     a, b = F.avg_pool2d(first, 2), F.avg_pool2d(last, 2)
     h, w = a.shape[2:]

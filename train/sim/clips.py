@@ -116,7 +116,8 @@ def panda_clip(seed: int, num_frames: int, split: str = "heldout") -> np.ndarray
 
 
 def video_clips(sim: str, world: dict | None, episodes: int, seed: int, num_frames: int,
-                split: str = "heldout", max_tries: int = 8, doom_tics: int | None = None) -> tuple[list[np.ndarray], dict]:
+                split: str = "heldout", max_tries: int = 8,
+                doom_tics: int | None = None) -> tuple[list[np.ndarray], dict]:
     """`episodes` clips of `sim` from `split` (see the module docstring) and facts about them."""
     from train.sim import craft, doom, panda
 
