@@ -364,12 +364,12 @@ def video_checkpoint(checkpoint: str | None) -> str:
 def video(checkpoint: str | None, world: dict | None, episodes: int, seed: int, sims=SIMS,
           span: int | None = None, doom_tics: int | None = None) -> dict:
     from model.video_sampling import load_settings
-    from train.video_decoder import evaluate_video
+    from train.video_decoder import default_span, evaluate_video
 
     path = video_checkpoint(checkpoint)
-    extra = load_settings(path).extra
-    span = span or int(extra.get("eval_span") or extra.get("num_frames", 12))
-    doom_tics = doom_tics or extra.get("doom_tics") or None
+    settings = load_settings(path)
+    span = span or default_span(settings)
+    doom_tics = doom_tics or settings.extra.get("doom_tics") or None
     if span < 3:
         raise ValueError(f"span: must be at least 3 (two keyframes and a frame between), got {span}")
     per_sim, shared = {}, {}

@@ -475,14 +475,19 @@ def crossfade(first: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
     return np.round((1 - a) * first[None].astype(np.float64) + a * last[None].astype(np.float64)).astype(np.uint8)
 
 
+def default_span(settings) -> int:
+    """The keyframe distance a decoder is evaluated at: its recorded eval_span, else its training num_frames."""
+    return int(settings.extra.get("eval_span") or settings.extra.get("num_frames", 12))
+
+
 @torch.no_grad()
 def evaluate_video(checkpoint: str, clips, *, span: int | None = None, max_clips: int = 32, few_steps: int = 4,
                    teacher: str | None = None, seed: int = 0, device: str = "cpu") -> dict:
     """Held-out in-betweening quality of a video decoder folder.
 
     clips: clip folders (see the module docstring) or a list of (F, H, W, 3) uint8 arrays at any size.
-    For each clip (at most `max_clips`), its first `span` frames (default: the decoder's training
-    num_frames; shorter clips use all their frames) are decoded from the first and last frame as
+    For each clip (at most `max_clips`), its first `span` frames (default: `default_span`; shorter
+    clips use all their frames) are decoded from the first and last frame as
     keyframes, both given clean with their tokens, and the in-between frames are compared with the real
     ones at the decoder's frame size.
 
@@ -509,7 +514,7 @@ def evaluate_video(checkpoint: str, clips, *, span: int | None = None, max_clips
                   for c in list(clips)[:max_clips]]
     if not arrays:
         raise ValueError("clips: none given")
-    span = span or int(settings.extra.get("num_frames", 12))
+    span = span or default_span(settings)
     distilled = settings.teacher_steps is not None
     teacher_dir = teacher or (settings.teacher if distilled and settings.teacher and os.path.isdir(settings.teacher)
                               else None)
