@@ -201,6 +201,57 @@ def test_stream_batches_split_the_global_batch_between_ranks(tmp_path, bpe):
     assert torch.equal(next(it).ids, third.ids)
 
 
+def test_stream_interleaves_shards_in_proportion(tmp_path, bpe):
+    for name, n in (("a", 60), ("b", 20)):
+        recs = [fmt.record("t2i", [fmt.image_codes([[1]])], f"{name} {i}") for i in range(n)]
+        fmt.write_shard(str(tmp_path / f"{name}.jsonl"), recs, codebook_size=256)
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    stream = PackedStream(paths, lambda r: r["question"], seq_len=64, pad_id=0, seed=1)
+    docs = list(stream._docs(0))
+    assert sorted(docs) == sorted([f"a {i}" for i in range(60)] + [f"b {i}" for i in range(20)])  # each once
+    first = docs[:20]
+    assert 2 <= sum(d.startswith("b") for d in first) <= 10  # both sources early, about 1 in 4 from b
+    assert docs == list(PackedStream(paths, lambda r: r["question"], seq_len=64, pad_id=0, seed=1)._docs(0))
+    assert docs != list(stream._docs(1))  # a new order each epoch
+    twice = list(PackedStream(paths + [paths[1]], lambda r: r["question"], seq_len=64, pad_id=0, seed=1)._docs(0))
+    assert len(twice) == 100 and sum(d.startswith("b") for d in twice[:40]) > sum(d.startswith("b") for d in first)
+
+
+def test_pretokenize_equals_tokenizing_at_training_time(tmp_path, bpe, capsys):
+    from PIL import Image
+
+    from model.vision_tokenizer import IBQ, ibq_preset, save_ibq
+    from train.data import pretokenize
+    from train.data.vision import image_codes, load_vision_tokenizer
+
+    torch.manual_seed(0)
+    save_ibq(IBQ(ibq_preset("debug")), str(tmp_path / "ibq"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(48, 32), (48, 32), (32, 32), (40, 64)]):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    recs = [fmt.record("x2i", [fmt.image_path(paths[0]), fmt.text("done")], "edit it", [fmt.image_path(paths[1])],
+                       turns=[("again", [fmt.image_path(paths[2])], [fmt.image_path(paths[3])])]),
+            fmt.record("t2i", [fmt.image_codes([[1, 2]])], "a code image stays")]
+    fmt.write_shard(str(tmp_path / "data" / "s.jsonl"), recs, codebook_size=None)
+    summary = pretokenize.main(["--vision-tokenizer", str(tmp_path / "ibq"), "--image-area", "2048", "--batch-size", "2",
+                                "--data", str(tmp_path / "data"), "--out", str(tmp_path / "codes")])
+    assert summary["images"] == 4 and summary["records"] == 2
+    out = list(fmt.read_shard(str(tmp_path / "codes" / "s.jsonl")))
+    assert fmt.read_header(str(tmp_path / "codes" / "s.jsonl"))["codebook_size"] == 256
+    ibq = load_vision_tokenizer(str(tmp_path / "ibq"))
+    want = fmt.map_images(recs[0], lambda im: {"codes": image_codes(ibq, im["path"], 2048)})
+    assert out == [want, recs[1]]
+    # the trainer's ids are the same either way
+    enc = lambda r, fn=None: fmt.encode_record(r, bpe, mode="sft", visual_weight=1.0, image_codes=fn).ids  # noqa: E731
+    assert enc(out[0]) == enc(recs[0], lambda p: image_codes(ibq, p, 2048))
+    with pytest.raises(SystemExit):
+        pretokenize.main(["--vision-tokenizer", str(tmp_path / "ibq"), "--image-area", "2048",
+                          "--data", str(tmp_path / "data"), "--out", str(tmp_path / "data")])
+    assert "out: must differ from --data" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ from_episodes
 
 def _write_episodes(root, n_episodes=2, n_steps=3, size=32):

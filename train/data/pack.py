@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from train.data.format import Encoded, read_shard
+from train.data.format import Encoded, read_header, read_shard
 
 
 @dataclass
@@ -96,8 +96,13 @@ def collate(rows: list[Row], seq_len: int, pad_id: int) -> Batch:
 class PackedStream:
     """Endless, deterministic stream of packed rows from shards.
 
-    Epoch e visits the shards in an order shuffled with (seed, e) and each shard's records in an
-    order shuffled the same way, encodes them with `encode` (record -> Encoded) and packs them.
+    Epoch e interleaves the shards: each next record comes from a shard drawn at random (seeded with
+    (seed, e)) with probability proportional to the records it has left, and each shard's records come
+    in an order shuffled the same way. So every stretch of the stream mixes the sources in proportion
+    to their sizes, and a short run (a fine-tune of a few hundred steps) sees all of them, not the first
+    few shards in some order. A shard listed twice counts twice (a way to up-weight a source). Records
+    are encoded with `encode` (record -> Encoded) and packed. A shard is read when first drawn and its
+    records are kept until the epoch has used them, so an epoch holds the shards' records in memory.
     `batches(global_batch, rank, world_size, skip)` yields, per optimizer step, this rank's rows
     `rows[rank::world_size]` of the step's `global_batch` rows; `skip` steps are consumed first (resume).
     """
@@ -109,13 +114,15 @@ class PackedStream:
 
     def _docs(self, epoch: int) -> Iterator[Encoded]:
         rng = random.Random(f"{self.seed}-{epoch}")
-        order = list(self.shards)
-        rng.shuffle(order)
-        for path in order:
-            records = list(read_shard(path))
-            rng.shuffle(records)
-            for rec in records:
-                yield self.encode(rec)
+        left = [read_header(path)["num_records"] for path in self.shards]
+        loaded: dict[int, list] = {}
+        while sum(left):
+            i = rng.choices(range(len(left)), weights=left)[0]
+            if i not in loaded:
+                loaded[i] = list(read_shard(self.shards[i]))
+                rng.shuffle(loaded[i])
+            left[i] -= 1
+            yield self.encode(loaded[i].pop())
 
     def rows(self) -> Iterator[Row]:
         epoch = 0
