@@ -84,6 +84,19 @@ def record_images(rec: dict) -> list[dict]:
             for im in [*t.get("images", []), *(s["image"] for s in t["answer"] if "image" in s)]]
 
 
+def map_images(rec: dict, fn: Callable[[dict], dict]) -> dict:
+    """A copy of rec with every IMAGE (prompts' and answers', the follow-up turns' included) replaced by
+    fn(IMAGE); text segments are copied."""
+    def turn(t):
+        return {"question": t["question"], "images": [fn(im) for im in t["images"]],
+                "answer": [{"image": fn(seg["image"])} if "image" in seg else dict(seg) for seg in t["answer"]]}
+
+    out = {"task": rec["task"], **turn(rec)}
+    if rec.get("turns"):
+        out["turns"] = [turn(t) for t in rec["turns"]]
+    return out
+
+
 def _check_image(im, where: str) -> None:
     if not isinstance(im, dict) or len(im) != 1 or not ({"codes", "path"} & set(im)):
         raise ValueError(f"{where}: an image must be {{'codes': [[...]]}} or {{'path': str}}, got {str(im)[:80]}")
