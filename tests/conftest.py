@@ -33,6 +33,31 @@ def debug_model(bpe):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Two random debug-preset checkpoints with their BPE and an IBQ: "good" (matching codebook) and
+    "bad" (an IBQ with half the codebook), for train.evaluate and train.self_distill."""
+    import dataclasses
+
+    from model.checkpoint import save_pretrained
+    from model.config import preset
+    from model.text_tokenizer import BPETokenizer, builtin_corpus
+    from model.transformer import Transformer
+    from model.vision_tokenizer import IBQ, ibq_preset, save_ibq
+
+    root = tmp_path_factory.mktemp("ck")
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    tok = BPETokenizer.train(builtin_corpus(), cfg.num_text_tokens, cfg.codebook_size)
+    model = Transformer(cfg).eval()
+    model.vocab, model.tokenizer = tok.vocab, tok
+    good, bad = root / "good", root / "bad"
+    for d, codebook in ((good, cfg.codebook_size), (bad, cfg.codebook_size // 2)):
+        save_pretrained(model, str(d))
+        save_ibq(IBQ(dataclasses.replace(ibq_preset("debug"), codebook_size=codebook)), str(d / "vision_tokenizer"))
+    return {"good": str(good), "bad": str(bad)}
+
+
 # ---- engine tests (tests/test_engine_*.py): real servers, a shared debug runtime --------------------
 @pytest.fixture(scope="session")
 def redis_service():

@@ -1,6 +1,5 @@
 """train.evaluate on a tiny random checkpoint: every task's keys, and clear errors on bad inputs."""
 
-import dataclasses
 import json
 import os
 
@@ -14,26 +13,8 @@ from train import evaluate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import torch
-
-    from model.checkpoint import save_pretrained
-    from model.config import preset
-    from model.text_tokenizer import BPETokenizer, builtin_corpus
-    from model.transformer import Transformer
-    from model.vision_tokenizer import IBQ, ibq_preset, save_ibq
-
-    root = tmp_path_factory.mktemp("ck")
-    torch.manual_seed(0)
-    cfg = preset("debug")
-    tok = BPETokenizer.train(builtin_corpus(), cfg.num_text_tokens, cfg.codebook_size)
-    model = Transformer(cfg).eval()
-    model.vocab, model.tokenizer = tok.vocab, tok
-    good, bad = root / "good", root / "bad"
-    for d, codebook in ((good, cfg.codebook_size), (bad, cfg.codebook_size // 2)):
-        save_pretrained(model, str(d))
-        save_ibq(IBQ(dataclasses.replace(ibq_preset("debug"), codebook_size=codebook)), str(d / "vision_tokenizer"))
-    return {"good": str(good), "bad": str(bad)}
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def _run(capsys, argv):
@@ -112,3 +93,30 @@ def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny, tmp_
     assert next(rt.model.parameters()).dtype == torch.float32
     assert rt.default_image_size(1024 * 1024) == (6, 6) and rt.default_image_size(32 * 32) == (2, 2)
     assert rt.max_image_side() >= 6
+
+
+def test_tokenizer_eval_splits_vizdoom_by_world(tmp_path):
+    """train.sim.tokenizer_eval: frames evenly spaced over every episode, and ViZDoom's bundled scenarios
+    reported apart from the wad maps (generate's worlds.json)."""
+    import numpy as np
+    from PIL import Image
+
+    from model.vision_tokenizer import IBQ, ibq_preset
+    from train.sim import tokenizer_eval
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "doom-heldout"
+    worlds = {"ep0": "basic", "ep1": "freedoom2.wad:MAP01", "ep2": "freedoom2.wad:MAP02"}
+    for ep in worlds:
+        (folder / "frames" / ep).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(folder / "frames" / ep / f"{k:03d}.png")
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(folder / "frames" / ep / "x000.png")  # not a keyframe
+    (folder / "worlds.json").write_text(json.dumps(worlds))
+    ibq = IBQ(ibq_preset("debug")).eval()
+    out = tokenizer_eval.evaluate(ibq, str(tmp_path), panda_episodes=1, max_frames=6)
+    doom = out["doom-heldout"]
+    assert doom["frames"] == 6 and set(doom["per_world"]) == set(worlds.values())  # every episode sampled
+    assert doom["scenarios_psnr"] == doom["per_world"]["basic"]
+    assert min(doom["per_world"]["freedoom2.wad:MAP01"], doom["per_world"]["freedoom2.wad:MAP02"]) <= doom["maps_psnr"]
+    assert {"psnr", "object_psnr"} <= set(out["panda-heldout"]) and 0 < out["codebook_use"] <= 1

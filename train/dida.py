@@ -9,7 +9,8 @@ makes the engine decode images with model.dida.DiDASampler.
     python -m train.dida --recipe debug_cpu --data SHARDS --init-from runs/sft-debug --out runs/dida-debug
 
 The paper adapts with a few billion tokens of SFT data plus the AR model's own outputs
-(self-distillation); the CPU recipes use the SFT shards only.
+(self-distillation): `python -m train.self_distill` writes those as shards (the AR model's images for
+training records' prompts), given here beside the SFT shards (train/sim/pipeline.sh does this).
 """
 
 from __future__ import annotations
