@@ -30,6 +30,8 @@ def test_same_seed_same_shard_and_frames(tmp_path):
                            shallow=False)
     c = _gen(tmp_path / "c", seed=4)
     assert not filecmp.cmp(tmp_path / "a" / shard, tmp_path / "c" / "doom-train-4-00000.jsonl", shallow=False)
+    with open(tmp_path / "a" / generate.WORLDS_FILE) as f:  # episode -> world, for per-world figures
+        assert json.load(f) == {"doom-train-3-00000": doom.train_worlds()[0]["name"]}
 
 
 def test_records_use_canonical_sentences_and_valid_format(tmp_path):

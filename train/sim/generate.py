@@ -9,15 +9,17 @@ Episode i uses seed `[seed, i]`-derived simulator seeds; `--split heldout` shift
 simulator's HELDOUT_SEED_OFFSET and (panda) switches to the held-out colour set, so held-out data never
 shares a seed with training data. Training worlds (doom): every bundled single-player scenario and
 freedoom2.wad MAP01-MAP10, cycled over the episodes; `--scenario` / `--wad --map` pin one world
-(unseen maps for evaluation). Frames are PNG files under OUT/frames/<episode>/ (keyframes, plus `x*.png`
-mid-motion frames that only the tokenizer trainer reads); records reference them by relative path
-(`{"path": ...}`), tokenized at training time by the trained IBQ (train/lm.py `vision_tokenizer`).
+(unseen maps for evaluation); OUT/worlds.json names each ViZDoom episode's world. Frames are PNG files
+under OUT/frames/<episode>/ (keyframes, plus `x*.png` mid-motion frames that only the tokenizer trainer
+reads); records reference them by relative path (`{"path": ...}`), tokenized at training time by the
+trained IBQ (train/lm.py `vision_tokenizer`).
 Ends with a one-line JSON summary; a bad input is `error: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,6 +27,7 @@ from train import common
 from train.sim.common import FrameWriter, check_episodes, check_split, episode_rng
 
 SIMS = ("doom", "panda", "crafter")
+WORLDS_FILE = "worlds.json"  # ViZDoom: {episode folder: world name}
 
 
 def _doom(out, episodes, seed, split, world, steps):
@@ -35,16 +38,20 @@ def _doom(out, episodes, seed, split, world, steps):
             os.path.basename(world["wad"]) == "freedoom2.wad" and world["map"] in doom.TRAIN_MAPS)):
         raise ValueError(f"split: {world['name']} is a held-out world; generate it with --split heldout")
     offset = doom.HELDOUT_SEED_OFFSET if split == "heldout" else 0
-    recs, stats = [], {"frames": 0}
+    recs, stats, world_of = [], {"frames": 0}, {}
     for i in range(episodes):
         w = worlds[i % len(worlds)]
         rng = episode_rng(seed + offset, i)
         ep_seed = int(rng.integers(2 ** 31 - 1))
         frames, actions = doom.episode(w, ep_seed, steps, warmup=int(rng.integers(0, 40)))
         write = FrameWriter(out, f"doom-{split}-{seed}-{i:05d}")
+        world_of[write.episode] = w["name"]
         rel = [write(f) for f in frames]
         stats["frames"] += len(rel)
         recs += doom.records(rel, actions, w["name"], rng)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, WORLDS_FILE), "w") as f:  # per-episode figures (train.sim.tokenizer_eval)
+        json.dump(world_of, f, indent=0, sort_keys=True)
     return recs, stats
 
 

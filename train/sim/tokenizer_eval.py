@@ -4,9 +4,11 @@
 
 Frames are the keyframes (`NNN.png`, not the tokenizer-only `x*.png`) of every `*-heldout` / `*-unseen-*`
 folder under --data-root, encoded and decoded at their native size (ViZDoom 160x120, Crafter and
-PyBullet 128x128; all multiples of 8). PyBullet is re-simulated from the held-out seeds so the object
-and arm pixels come from PyBullet's segmentation mask (`object_psnr`). Codebook use = distinct codes over
-all these frames / codebook size. Prints one JSON object.
+PyBullet 128x128; all multiples of 8); at most `max_frames` a folder, evenly spaced over its episodes.
+ViZDoom folders with several worlds (train.sim.generate's worlds.json) also get `per_world`,
+`scenarios_psnr` (the bundled scenarios) and `maps_psnr` (the wad maps). PyBullet is re-simulated from
+the held-out seeds so the object and arm pixels come from PyBullet's segmentation mask (`object_psnr`).
+Codebook use = distinct codes over all these frames / codebook size. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ def reconstruct(ibq, frame: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     return ((y + 1) * 127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy(), codes
 
 
+def _worlds(folder: str) -> dict:
+    """{episode folder: world name} from train.sim.generate's worlds.json ({} when there is none)."""
+    from train.sim.generate import WORLDS_FILE
+
+    path = os.path.join(folder, WORLDS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def evaluate(ibq, data_root: str, panda_episodes: int = 12, max_frames: int = 300) -> dict:
     from PIL import Image
 
@@ -43,16 +56,29 @@ def evaluate(ibq, data_root: str, panda_episodes: int = 12, max_frames: int = 30
         if not os.path.isdir(folder) or not ("heldout" in name or "unseen" in name) or name.startswith("panda"):
             continue
         files = sorted(f for f in glob.glob(os.path.join(folder, "frames", "*", "*.png"))
-                       if re.fullmatch(r"\d+\.png", os.path.basename(f)))[:max_frames]
-        vals = []
+                       if re.fullmatch(r"\d+\.png", os.path.basename(f)))
+        files = files[::-(-len(files) // max_frames)] if files else files  # evenly spaced, every episode
+        vals, by_world = [], {}
+        world_of = _worlds(folder)
         for f in files:
             with Image.open(f) as im:
                 a = np.asarray(im.convert("RGB"))
             rec, codes = reconstruct(ibq, a)
             used[codes.flatten()] = True
             vals.append(psnr(a, rec))
+            world = world_of.get(os.path.basename(os.path.dirname(f)))
+            if world:
+                by_world.setdefault(world, []).append(vals[-1])
         if vals:
             out[name] = {"psnr": round(float(np.mean(vals)), 2), "frames": len(vals)}
+        if len(by_world) > 1:  # ViZDoom's cycled training worlds: bundled scenarios apart from wad maps
+            from train.sim.doom import TRAIN_SCENARIOS
+
+            out[name]["per_world"] = {w: round(float(np.mean(v)), 2) for w, v in sorted(by_world.items())}
+            for key, keep in (("scenarios_psnr", True), ("maps_psnr", False)):
+                v = [x for w, xs in by_world.items() if (w in TRAIN_SCENARIOS) == keep for x in xs]
+                if v:
+                    out[name][key] = round(float(np.mean(v)), 2)
     from train.sim import panda
 
     whole, obj = [], []
