@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole demo pipeline on CPU, resumable step by step (each step is skipped when its output exists;
 # trainers resume from their latest checkpoint). Usage: bash train/sim/pipeline.sh [RUNS_DIR]
-# Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretrain -> SFT -> DiDA -> assets/demo.
+# Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretokenized shards -> pretrain
+# -> SFT -> self-distillation (the SFT model's own images, train.self_distill) -> DiDA -> assets/demo.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${1:-runs}
@@ -43,18 +44,34 @@ IBQ="$R/ibq-sim/checkpoints/$(cat "$R/ibq-sim/checkpoints/latest")"
 echo "[pipeline] bpe $(date)"
 [ -f "$R/tok-sim/tokenizer.json" ] || python -m train.text_bpe --recipe demo --out "$R/tok-sim" \
   --text README.md model/*.py worldsim/*.py train/*.py train/data/*.py --shards "$D/doom-train" "$D/panda-train" "$D/crafter-train"
+echo "[pipeline] pretokenize $(date)"
+C=$R/simcodes  # the training shards with code grids: the LM stages then never run the IBQ
+for s in doom-train panda-train crafter-train; do
+  [ -d "$C/$s" ] || python -m train.data.pretokenize --vision-tokenizer "$IBQ" --image-area 9216 --data "$D/$s" --out "$C/$s"
+done
+# The LM mix: ViZDoom has ~10k records, PyBullet ~1.4k and Crafter fewer, so the small two are listed 3x
+# (train/data/pack.py interleaves shards in proportion to their records, a shard listed twice counting twice).
+MIX="$C/doom-train $C/panda-train $C/panda-train $C/panda-train $C/crafter-train $C/crafter-train $C/crafter-train"
 echo "[pipeline] pretrain $(date)"
-python -m train.pretrain --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+python -m train.pretrain --recipe demo_cpu --data $MIX \
   --tokenizer "$R/tok-sim" --out "$R/pretrain-sim" --steps "$PRE_STEPS" --device "$DEVICE" \
   --set vision_tokenizer="$IBQ" image_area=9216 "model_overrides=$LM_MODEL" lr=0.001 min_lr=0.0001 \
   batch_size=4 warmup_steps=100 micro_batch_size=0 seq_len=1280 save_every=100 progress=false
 echo "[pipeline] sft $(date)"
-python -m train.sft --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+python -m train.sft --recipe demo_cpu --data $MIX \
   --init-from "$R/pretrain-sim" --out "$R/sft-sim" --steps "$SFT_STEPS" --device "$DEVICE" \
   --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=50 micro_batch_size=0 seq_len=1280 \
   save_every=100 progress=false
+echo "[pipeline] self-distill $(date)"
+# the AR teacher needs a packaged folder (model + its vision tokenizer); runs/ is not assets/, so no size budget
+[ -d "$R/sft-packed" ] || python -m train.sim.package --model "$R/sft-sim" --vision-tokenizer "$IBQ" --out "$R/sft-packed" --max-mb 1e9
+[ -d "$R/self-distill/panda" ] || python -m train.self_distill --checkpoint "$R/sft-packed" --data "$C/panda-train" \
+  --records 150 --out "$R/self-distill/panda"
+[ -d "$R/self-distill/mix" ] || python -m train.self_distill --checkpoint "$R/sft-packed" --data "$C/doom-train" \
+  "$C/crafter-train" --records 40 --out "$R/self-distill/mix"
+SD="$R/self-distill/panda $R/self-distill/panda $R/self-distill/panda $R/self-distill/mix $R/self-distill/mix $R/self-distill/mix"
 echo "[pipeline] dida $(date)"
-python -m train.dida --recipe demo_cpu --data "$D/doom-train" "$D/panda-train" "$D/crafter-train" \
+python -m train.dida --recipe demo_cpu --data $MIX $SD \
   --init-from "$R/sft-sim" --out "$R/dida-sim" --steps "$DIDA_STEPS" --device "$DEVICE" \
   --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=20 micro_batch_size=0 seq_len=1280 \
   save_every=100 progress=false
