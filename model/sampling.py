@@ -1,10 +1,10 @@
 """Turning logits into tokens (SPEC §3): the text/image decoding FSM, classifier-free guidance on
 visual codes, temperature / top-k / top-p, and the release's per-task defaults.
 
-The FSM is a set of logits rules. In the text phase visual codes and grid tokens are forbidden and
-BOI opens an image. The size header is then either forced to a requested h*w or sampled under a
-grammar (two-digit h and w, 10..99); later images of one answer reuse the first image's size by
-default. In the grid, EOL is forced after every w codes and EOI after h rows; only visual codes are
+The FSM is a set of logits rules. In the text phase visual codes, grid tokens, BOS and the answer-start
+token are forbidden and BOI opens an image. The size header is then either forced to a requested h*w or
+sampled under a grammar (two-digit h and w, 10..99); later images of one answer reuse the first image's
+size by default. In the grid, EOL is forced after every w codes and EOI after h rows; only visual codes are
 allowed elsewhere.
 
 Legend: B batch rows, V vocabulary size (logits' last dim), h x w an image's size in tokens (rows x codes).
@@ -158,9 +158,11 @@ class DecodeFSM:
         self.size: tuple[int, int] | None = None
         self.codes: list[int] = []
         ids = torch.arange(vocab_size, device=device)
+        # an answer never opens another answer: <extra_100> (answer start) is prompt structure, as BOS is
         self.text_allowed = (ids < vocab.size) & ~((ids >= vocab.visual_start)
                                                    | (ids == vocab.img) | (ids == vocab.eoi)
-                                                   | (ids == vocab.eol) | (ids == vocab.bos))
+                                                   | (ids == vocab.eol) | (ids == vocab.bos)
+                                                   | (ids == vocab.answer_start))
         self.text_no_stop = self.text_allowed & ~torch.isin(ids, torch.tensor(self.stop_ids or (-1,), device=device))
         self.visual_allowed = (ids >= vocab.visual_start) & (ids < vocab.size)
         self.boi_mask = ids == vocab.boi

@@ -418,6 +418,9 @@ def test_fsm_rejects_illegal_ids(bpe):
         fsm.advance(v.visual(0))  # visual code in text
     with pytest.raises(ValueError, match="token_id"):
         fsm.advance(v.eoi)
+    with pytest.raises(ValueError, match="token_id"):
+        fsm.advance(v.answer_start)  # an answer never opens another (a trained model wrote it mid-story)
+    assert not fsm.allowed()[v.answer_start] and fsm.allowed()[v.answer_end]
     fsm.advance(70)
     fsm.advance(v.boi)
     assert fsm.forced() == 17  # '2'

@@ -41,7 +41,8 @@ class LMConfig:
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"dropout": 0.0}
     init_from: str | None = None  # a save_pretrained folder to start from
     tokenizer: str | None = None  # folder with tokenizer.json or emu3.tiktoken; default: init_from's
-    vision_tokenizer: str | None = None  # IBQ folder for raw-image shards (None: debug preset, random)
+    vision_tokenizer: str | None = None  # IBQ folder for raw-image shards (None: debug preset, random);
+    # each image is encoded the first time a run meets it: train.data.pretokenize does that once instead
     image_area: int = 256 * 256  # px, raw images are resized to about this area
     seq_len: int = 1024
     batch_size: int = 8  # rows per optimizer step, all processes together
