@@ -59,7 +59,8 @@ def test_cli_writes_a_deterministic_shard(tiny_checkpoints, tmp_path, capsys):
     assert fmt.read_header(str(tmp_path / "o1" / "shard-00000.jsonl"))["codebook_size"] == 256
     from train.data.vision import image_codes, load_vision_tokenizer
 
-    real = image_codes(load_vision_tokenizer(tiny_checkpoints["good"] + "/vision_tokenizer"), str(tmp_path / "frame.png"), 1024)
+    ibq = load_vision_tokenizer(tiny_checkpoints["good"] + "/vision_tokenizer")
+    real = image_codes(ibq, str(tmp_path / "frame.png"), 1024)
     assert len(real) == 2
     for rec in outs[0]:
         assert rec["images"] == [{"codes": real}]  # prompt images: the real frame's codes

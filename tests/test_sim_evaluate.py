@@ -12,19 +12,14 @@ pytest.importorskip("crafter")
 from train import evaluate  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoints):
-    return tiny_checkpoints
-
-
 def _run(capsys, argv):
     rc = evaluate.main(argv + ["--json", "--threads", "1"])
     out = capsys.readouterr()
     return rc, json.loads(out.out.strip().splitlines()[-1]) if out.out.strip() else None, out.err
 
 
-def test_explore_keys(tiny, capsys):
-    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny["good"], "--scenario", "basic",
+def test_explore_keys(tiny_checkpoints, capsys):
+    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny_checkpoints["good"], "--scenario", "basic",
                                  "--episodes", "1", "--steps", "1", "--rollout", "1"])
     assert rc == 0, err
     for k in ("model_psnr", "baseline_psnr", "prev_tokens_psnr", "tokenizer_psnr", "shuffled_instruction_psnr",
@@ -35,8 +30,8 @@ def test_explore_keys(tiny, capsys):
     assert out["baseline_psnr"] > out["model_psnr"]  # random weights must not look like a world model
 
 
-def test_manipulate_keys_with_dida(tiny, capsys):
-    rc, out, err = _run(capsys, ["--task", "manipulate", "--checkpoint", tiny["good"], "--episodes", "1",
+def test_manipulate_keys_with_dida(tiny_checkpoints, capsys):
+    rc, out, err = _run(capsys, ["--task", "manipulate", "--checkpoint", tiny_checkpoints["good"], "--episodes", "1",
                                  "--sampler", "dida", "--dida-steps", "2"])
     assert rc == 0, err
     for k in ("model_psnr", "baseline_psnr", "model_object_psnr", "baseline_object_psnr", "subtask_exact_match"):
@@ -45,12 +40,12 @@ def test_manipulate_keys_with_dida(tiny, capsys):
 
 
 @pytest.mark.slow
-def test_guide_and_story_keys(tiny, capsys):
-    rc, out, err = _run(capsys, ["--task", "guide", "--checkpoint", tiny["good"], "--episodes", "1",
+def test_guide_and_story_keys(tiny_checkpoints, capsys):
+    rc, out, err = _run(capsys, ["--task", "guide", "--checkpoint", tiny_checkpoints["good"], "--episodes", "1",
                                  "--sampler", "dida", "--dida-steps", "2"])
     assert rc == 0, err
     assert 0.0 <= out["valid_fraction"] <= 1.0
-    rc, out, err = _run(capsys, ["--task", "story", "--checkpoint", tiny["good"], "--episodes", "1",
+    rc, out, err = _run(capsys, ["--task", "story", "--checkpoint", tiny_checkpoints["good"], "--episodes", "1",
                                  "--sampler", "dida", "--dida-steps", "2"])
     assert rc == 0, err
     assert {"event_recall", "beat_precision", "agreement"} <= set(out)
@@ -62,13 +57,13 @@ def test_guide_and_story_keys(tiny, capsys):
     (["--wad", "freedoom2.wad", "--map", "E1M1"], "has no map 'E1M1'"),
     (["--episodes", "0"], "episodes: must be a positive integer"),
 ])
-def test_bad_inputs(tiny, capsys, extra, message):
-    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny["good"]] + extra)
+def test_bad_inputs(tiny_checkpoints, capsys, extra, message):
+    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny_checkpoints["good"]] + extra)
     assert rc == 2 and message in err and message in out["error"]
 
 
-def test_tokenizer_mismatch(tiny, capsys):
-    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny["bad"], "--episodes", "1"])
+def test_tokenizer_mismatch(tiny_checkpoints, capsys):
+    rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny_checkpoints["bad"], "--episodes", "1"])
     assert rc == 2 and "codebook_size" in err and "does not match" in err
 
 
@@ -77,7 +72,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert rc == 2 and "is not a folder" in err
 
 
-def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny, tmp_path):
+def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny_checkpoints, tmp_path):
     """train.sim.package writes fp16 weights and the training image area; the engine's Runtime computes
     in fp32 on a CPU and defaults to that area's grid (a 96x96-pixel area with the debug IBQ's f16 ->
     6x6 tokens)."""
@@ -86,8 +81,8 @@ def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny, tmp_
     from train.sim.package import package
     from worldsim.runtime import Runtime
 
-    out = package(tiny["good"], os.path.join(tiny["good"], "vision_tokenizer"), str(tmp_path / "demo"),
-                  image_area=96 * 96)
+    good = tiny_checkpoints["good"]
+    out = package(good, os.path.join(good, "vision_tokenizer"), str(tmp_path / "demo"), image_area=96 * 96)
     assert out["mb"] < 80
     rt = Runtime.load(out["out"])
     assert next(rt.model.parameters()).dtype == torch.float32
@@ -110,7 +105,8 @@ def test_tokenizer_eval_splits_vizdoom_by_world(tmp_path):
     for ep in worlds:
         (folder / "frames" / ep).mkdir(parents=True)
         for k in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(folder / "frames" / ep / f"{k:03d}.png")
+            frame = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+            Image.fromarray(frame).save(folder / "frames" / ep / f"{k:03d}.png")
         Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(folder / "frames" / ep / "x000.png")  # not a keyframe
     (folder / "worlds.json").write_text(json.dumps(worlds))
     ibq = IBQ(ibq_preset("debug")).eval()

@@ -235,8 +235,8 @@ def test_pretokenize_equals_tokenizing_at_training_time(tmp_path, bpe, capsys):
                        turns=[("again", [fmt.image_path(paths[2])], [fmt.image_path(paths[3])])]),
             fmt.record("t2i", [fmt.image_codes([[1, 2]])], "a code image stays")]
     fmt.write_shard(str(tmp_path / "data" / "s.jsonl"), recs, codebook_size=None)
-    summary = pretokenize.main(["--vision-tokenizer", str(tmp_path / "ibq"), "--image-area", "2048", "--batch-size", "2",
-                                "--data", str(tmp_path / "data"), "--out", str(tmp_path / "codes")])
+    summary = pretokenize.main(["--vision-tokenizer", str(tmp_path / "ibq"), "--image-area", "2048", "--batch-size",
+                                "2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "codes")])
     assert summary["images"] == 4 and summary["records"] == 2
     out = list(fmt.read_shard(str(tmp_path / "codes" / "s.jsonl")))
     assert fmt.read_header(str(tmp_path / "codes" / "s.jsonl"))["codebook_size"] == 256
