@@ -1,13 +1,15 @@
 """DiDA: discrete diffusion adaptation (SPEC §5; paper §4.3). Parallel decoding of an image's codes,
 and the attention pattern its adaptation trains with.
 
-Legend: B batch rows (conditional, unconditional), N = h*w codes of one image, V vocab size, L cached
-prefix length.
+Legend: B batch rows (conditional, unconditional), N = h*w codes of one image, m of them still masked,
+V vocab size, M codebook size, L cached prefix length.
 
 Inference (`DiDASampler`, an `ImageSampler` for model.generate): the text prefix and the image's size
 header are in the KV cache. All N codes start in the mask state; each of K steps runs the N positions
 in ONE forward (each masked position sees the whole prefix and every position of its image,
-bidirectionally), samples a code for every masked position, and fixes the most confident ones so that
+bidirectionally), scores only the still-masked positions and only over the visual codes (at the demo
+size the full-vocabulary head over every position was a third of a step's FLOPs), samples a code for
+each of them (inverse-CDF sampling), and fixes the most confident ones so that
 `N * cos(pi/2 * (k+1)/K)` stay masked (MaskGIT's schedule). Confidence is log-prob plus Gumbel noise
 whose temperature falls linearly to 0; a fixed code is never re-masked; at least one code is fixed per
 step and all are fixed after step K. Guidance applies to the visual codes with the conditional and
@@ -91,26 +93,24 @@ class DiDASampler:
                 break  # everything is fixed already
             if run.should_stop():
                 raise Cancelled()
+            masked = (codes < 0).nonzero().squeeze(1)  # (m,) the positions still to decide
             ids = torch.where(codes >= 0, codes + lo, torch.full_like(codes, mask_id(vocab)))
+            # only the masked positions are scored, and only over the visual codes: (B, m, M)
             logits = model(ids[None].expand(rows, n), cache=cache, positions=positions,
-                           mask=mask if mask is not None else FULL)  # (B, N, V)
+                           mask=mask if mask is not None else FULL, score=masked, vocab_range=(lo, hi))
             cache.crop(start)  # the block is re-fed next step; the prefix stays
             self.forwards += 1
-            logits = logits[..., lo:hi].float()  # visual codes only
+            logits = logits.float()
             scores = guide(logits[0], logits[1], params.guidance_scale) if run.guided else \
-                torch.log_softmax(logits[0], -1)  # (N, M)
-            masked = codes < 0
-            candidates = _sample_codes(scores, params, run.generator)  # (N,)
-            logp = torch.log_softmax(scores, -1).gather(-1, candidates[:, None]).squeeze(-1)  # (N,)
+                torch.log_softmax(logits[0], -1)  # (m, M)
+            candidates = _sample_codes(scores, params, run.generator)  # (m,)
+            confidence = torch.log_softmax(scores, -1).gather(-1, candidates[:, None]).squeeze(-1)  # (m,)
             temp = self.noise_temperature * (1 - (k + 1) / self.num_steps)
-            if temp > 0:
-                u = torch.rand(n, generator=run.generator, device=device).clamp_(1e-9, 1 - 1e-9)
-                logp = logp + temp * -torch.log(-torch.log(u))
-            confidence = torch.where(masked, logp, torch.full_like(logp, float("inf")))
-            order = torch.argsort(confidence, descending=True)
-            fix = torch.zeros(n, dtype=torch.bool, device=device)
-            fix[order[: n - keep_masked]] = True
-            codes = torch.where(fix & masked, candidates, codes)
+            if temp > 0:  # one draw per position of the image, so a seed gives the same noise to a position
+                u = torch.rand(n, generator=run.generator, device=device).clamp_(1e-9, 1 - 1e-9)[masked]
+                confidence = confidence + temp * -torch.log(-torch.log(u))
+            fix = torch.topk(confidence, len(masked) - keep_masked).indices  # the most confident
+            codes[masked[fix]] = candidates[fix]
             yield ImageProgress(int((codes >= 0).sum()) * height // n, height)
         grid = codes.view(height, width)
         span = vocab.image_ids(grid)[vocab.image_ids(grid).index(vocab.img) + 1:]  # codes, EOLs, EOI
@@ -118,7 +118,7 @@ class DiDASampler:
 
 
 def _sample_codes(scores: torch.Tensor, params, generator) -> torch.Tensor:
-    """scores (N, M) -> one code per position with the image temperature / top-k / top-p."""
+    """scores (m, M) -> one code per masked position with the image temperature / top-k / top-p."""
     from model.sampling import sample
 
     return sample(scores, params.image_temperature, params.image_top_k, params.image_top_p, generator)

@@ -60,10 +60,16 @@ class Cancelled(Exception):
     """Raised inside a sampler when the caller asked generation to stop."""
 
 
+def eager_decode(model) -> Callable:
+    """The eager one-token step, `step(ids (B, 1), cache, vocab_range=None) -> logits (B, 1, V)`
+    (or (B, 1, hi - lo) over the ids of `vocab_range`)."""
+    return lambda ids, cache, vocab_range=None: model(ids, cache=cache, vocab_range=vocab_range)
+
+
 def compile_decode(model) -> Callable:
-    """A torch.compile'd one-token decode step, `step(ids (B, 1), cache) -> logits (B, 1, V)`.
-    Shapes that grow with the cache are marked dynamic, so it compiles once."""
-    return torch.compile(lambda ids, cache: model(ids, cache=cache), dynamic=True)
+    """eager_decode, torch.compile'd. Shapes that grow with the cache are marked dynamic, so it compiles
+    once per vocab_range (the full head for text, the visual codes inside an image grid)."""
+    return torch.compile(eager_decode(model), dynamic=True)
 
 
 class PrefixCache:
@@ -133,12 +139,12 @@ class PrefixCache:
             s.extend(tokens)
         return model(ids, cache=self.cache, last_only=True)[:, -1].float()
 
-    def feed(self, step, token: int) -> torch.Tensor:
-        """Append one id to every row; return the next logits (B, V)."""
+    def feed(self, step, token: int, vocab_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Append one id to every row; return the next logits (B, V), or (B, hi - lo) over vocab_range."""
         ids = torch.full((self.num_rows, 1), token, dtype=torch.long, device=self.cache.k.device)
         for s in self.slots:
             s.append(token)
-        return step(ids, self.cache)[:, -1].float()
+        return step(ids, self.cache, vocab_range)[:, -1].float()
 
     @property
     def full(self) -> bool:
@@ -157,11 +163,14 @@ class Run:
         self.out: list[int] = []
 
     def feed(self, token: int):
-        """Record `token`, advance the FSM and the cache. Returns the finished grid if it closed an image."""
+        """Record `token`, advance the FSM and the cache. Returns the finished grid if it closed an image.
+        Inside a grid only visual codes can come next, so `logits` then covers the codes alone
+        (B, codebook_size), index 0 being `vocab.visual_start`; elsewhere it is (B, V)."""
         grid = self.fsm.advance(token)
         self.out.append(token)
         if not self.prefix.full:
-            self.logits = self.prefix.feed(self.step, token)
+            codes = (self.vocab.visual_start, self.vocab.size) if self.fsm.in_grid else None
+            self.logits = self.prefix.feed(self.step, token, codes)
         return grid
 
     def feed_many(self, tokens: list[int]):
@@ -183,7 +192,9 @@ class Run:
         return "context" if self.prefix.full else None
 
     def image_logits(self) -> torch.Tensor:
-        """(1, V) logits for the next visual code: guided (cond row vs uncond row) when enabled."""
+        """(1, codebook_size) scores for the next visual code (index 0 = vocab.visual_start): guided
+        (cond row vs uncond row) when enabled. Inside a grid the logits are the codes' alone, so guidance's
+        log-softmax runs over the codes; that shifts each row by a constant and changes no choice."""
         row = guide(self.logits[0], self.logits[1], self.params.guidance_scale) if self.guided else self.logits[0]
         return row[None]
 
@@ -207,10 +218,10 @@ class ARImageSampler:
             if run.should_stop():
                 raise Cancelled()
             forced = run.fsm.forced()
-            if forced is None:
+            if forced is None:  # every visual code is allowed here, and image_logits holds only those
                 p = run.params
-                logits = run.fsm.constrain(run.image_logits())
-                forced = int(sample(logits, p.image_temperature, p.image_top_k, p.image_top_p, run.generator)[0])
+                code = sample(run.image_logits(), p.image_temperature, p.image_top_k, p.image_top_p, run.generator)
+                forced = run.vocab.visual_start + int(code[0])
             grid = run.feed(forced)
             if forced == run.vocab.eol:
                 yield ImageProgress(len(run.fsm.codes) // width, height)
@@ -278,7 +289,7 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
                     stop_ids=stop_ids, min_images=min_images, max_images=max_images,
                     max_text_tokens=max_text_tokens, min_text_tokens=min_text_tokens, device=logits.device)
     run = Run(model, vocab, prefix, logits, fsm, params, guided, generator,
-              decode_step or (lambda x, c: model(x, cache=c)), should_stop)
+              decode_step or eager_decode(model), should_stop)
     image_sampler = image_sampler or ARImageSampler()
     stream = tokenizer.stream_decoder() if tokenizer is not None else None
     reason = None

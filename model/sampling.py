@@ -110,8 +110,19 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return inverse_cdf(torch.softmax(logits, -1), generator)
+
+
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (B, V) -> one id per row, drawn by inverting the cumulative distribution with one uniform
+    number per row (torch.multinomial took 8x longer on 144 x 2048 image logits on a 2-core CPU). The first id
+    whose cumulative mass exceeds u wins, so an id of probability 0 is never drawn; u at the very top
+    (rounding) falls back to the last id with mass."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
+    last_with_mass = (probs > 0).cumsum(-1).argmax(-1)
+    return torch.minimum(drawn, last_with_mass)
 
 
 TEXT, HEADER, GRID = "text", "header", "grid"

@@ -135,7 +135,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mask=None, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, score: torch.Tensor | None = None,
+                vocab_range: tuple[int, int] | None = None) -> torch.Tensor:
         """input_ids (B, T) long -> logits (B, T, V) (or (B, 1, V) with last_only).
 
         cache: new tokens are appended to it and attend to everything cached.
@@ -143,6 +144,9 @@ class Transformer(nn.Module):
         mask: None for causal attention, `attention.FULL`, a dense bool (B|1, 1, T, S) tensor or a
             FlexAttention BlockMask; an explicit mask replaces the causal/padding mask.
         positions: (B, T) long rotary positions; by default they continue the cache's positions.
+        score: (T',) long indices along T: logits only for those positions, (B, T', V).
+        vocab_range: (lo, hi): logits only for ids lo..hi-1, (..., hi - lo); the head multiplies by
+            those rows of lm_head alone (a sampler that may only pick visual codes skips the rest).
         """
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
@@ -165,7 +169,13 @@ class Transformer(nn.Module):
             cache.advance(T, attention_mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        elif score is not None:
+            x = x[:, score]
+        x = self.model.norm(x)
+        if vocab_range is None:
+            return self.lm_head(x)  # (B, T, V)
+        lo, hi = vocab_range
+        return F.linear(x, self.lm_head.weight[lo:hi])  # (B, T, hi - lo)
 
     @staticmethod
     def _default_mask(B, T, start, cache, attention_mask, device):

@@ -492,6 +492,44 @@ def test_generate_forced_image_events(debug_model, bpe):
     assert not any(isinstance(e, TextDelta) for e in events)  # nothing but images was generated
 
 
+def test_greedy_guided_image_codes_match_a_full_vocabulary_reference(debug_model, bpe):
+    """Inside a grid the AR step scores the visual codes alone; guidance then log-softmaxes over the
+    codes, a per-row shift that must change no choice. Reference: a plain loop over the full-vocabulary
+    logits, guided, masked to the visual codes, argmax."""
+    v = bpe.vocab
+    cond = bpe.encode("<|extra_203|>USER: a red cube ASSISTANT: <|extra_100|>")
+    uncond = [cond[0]] + bpe.encode(" ") * (len(cond) - 2) + [cond[-1]]  # as long: no padding to model
+    params = SamplingParams(max_new_tokens=40, guidance_scale=3.0, image_temperature=0.0)
+    fin = run(debug_model, cond, params=params, uncond_ids=uncond, image_size=(2, 3), start_with_image=True,
+              stop_ids=(v.answer_end,), max_images=1)[-1]
+    header = v.header_ids(2, 3)
+    with torch.no_grad():
+        cache = debug_model.new_cache(2, 64)
+        logits = debug_model(torch.tensor([cond + header, uncond + header]), cache=cache)[:, -1]
+        want = []
+        for i in range(8):  # 3 codes, EOL, 3 codes, EOI
+            if i in (3, 7):
+                token = v.eol if i == 3 else v.eoi
+            else:
+                scores = guide(logits[0], logits[1], 3.0)
+                scores[:v.visual_start] = float("-inf")
+                token = int(scores.argmax())
+            want.append(token)
+            logits = debug_model(torch.tensor([[token], [token]]), cache=cache)[:, -1]
+    assert fin.token_ids[:len(header) + 8] == header + want
+
+
+def test_inverse_cdf_never_draws_an_id_without_mass_even_at_the_top(monkeypatch):
+    """u = 1 (rounding can land it on the total mass) must fall back to the last id with mass."""
+    from model.sampling import inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(2, 1))
+    assert inverse_cdf(probs).tolist() == [1, 2]
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(2, 1))
+    assert inverse_cdf(probs).tolist() == [0, 2]  # u = 0: the first id with mass
+
+
 def test_generate_text_deltas_match_decode(debug_model, bpe):
     v = bpe.vocab
     prompt = bpe.encode("<|extra_203|>You are a helpful assistant for story task. USER: go ASSISTANT: <|extra_100|>")

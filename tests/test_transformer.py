@@ -76,6 +76,26 @@ def test_last_only_matches_last_position(debug_model):
     assert max_diff(last[:, 0], full[:, -1]) < ATOL
 
 
+def test_score_and_vocab_range_select_from_the_full_logits(debug_model):
+    """The samplers' narrow head: logits for chosen positions over an id range equal the same entries of
+    the full logits, with a cache and a bidirectional block too (DiDA's call)."""
+    from model.attention import FULL
+
+    ids = random_ids(debug_model, 2, 12, seed=4)
+    pick = torch.tensor([1, 5, 6, 11])
+    lo, hi = 300, 700
+    with torch.no_grad():
+        full = debug_model(ids)
+        got = debug_model(ids, score=pick, vocab_range=(lo, hi))
+        assert got.shape == (2, 4, hi - lo) and max_diff(got, full[:, pick, lo:hi]) < ATOL
+        cache = debug_model.new_cache(2, 32)
+        debug_model(ids[:, :8], cache=cache)
+        block = debug_model(ids[:, 8:], cache=cache, mask=FULL)
+        cache.crop(8)
+        narrow = debug_model(ids[:, 8:], cache=cache, mask=FULL, score=torch.tensor([0, 3]), vocab_range=(lo, hi))
+    assert max_diff(narrow, block[:, [0, 3], lo:hi]) < ATOL
+
+
 def test_left_padded_batch_matches_unpadded_rows(debug_model):
     """Guidance batches a conditional and an unconditional prompt of different lengths, left-padded."""
     vocab = debug_model.vocab
