@@ -70,6 +70,70 @@ def test_dida_k_equals_n_fixes_one_code_per_step(debug_model, bpe, monkeypatch):
     assert sampler.forwards == 6 and seen == [6, 5, 4, 3, 2, 1]
 
 
+def test_dida_never_remasks_and_ends_with_the_codes_it_fixed(debug_model, bpe, monkeypatch):
+    """Read from the block fed to each forward: the masked count strictly decreases, a fixed code keeps
+    its value in every later step, and the finished grid is what the steps fixed."""
+    from model.dida import mask_id
+
+    v = bpe.vocab
+    blocks = []
+    real = debug_model.forward
+
+    def spy(ids, **kw):
+        if kw.get("score") is not None:  # a DiDA block (the prefill and the span commit have no score)
+            blocks.append(ids[0].clone())
+        return real(ids, **kw)
+
+    monkeypatch.setattr(debug_model, "forward", spy)
+    events = _run(debug_model, bpe, DiDASampler(5), size=(4, 5))
+    codes = [e for e in events if isinstance(e, ImageDone)][0].codes.reshape(-1) + v.visual_start
+    assert len(blocks) == 5 and (blocks[0] == mask_id(v)).all()
+    masked = [int((b == mask_id(v)).sum()) for b in blocks]
+    assert all(a > b for a, b in zip(masked, masked[1:]))
+    for earlier, later in zip(blocks, blocks[1:]):
+        fixed = earlier != mask_id(v)
+        assert torch.equal(later[fixed], earlier[fixed])
+    fixed = blocks[-1] != mask_id(v)
+    assert torch.equal(codes[fixed], blocks[-1][fixed])
+
+
+def test_noisy_tokens_see_only_their_prefix_and_their_own_copy_by_perturbation(bpe):
+    """Through the model (debug preset) under the adaptation mask: changing a later clean token, a
+    clean code of the noisy token's own image, or another image's noisy copy leaves the noisy token's
+    logits unchanged; changing a prefix token or a noisy token of its own copy moves them."""
+    from model.attention import dense_from_mask_mod
+    from model.config import preset
+    from model.dida import add_noisy_copies
+    from model.transformer import Transformer
+
+    v = bpe.vocab
+    doc = [v.bos, 5, 6, *v.image_ids([[1, 2], [3, 4]]), 7, 8, *v.image_ids([[9, 10]]), v.eos]
+    ids = torch.tensor([doc])
+    ext = add_noisy_copies(ids, torch.arange(len(doc))[None], torch.ones_like(ids), v,
+                           torch.Generator().manual_seed(1))
+    T, L = len(doc), ext["ids"].shape[1]
+    mask = dense_from_mask_mod(training_mask_mod(ext["doc_ids"], ext["noisy_image"], ext["limit"]), 1, L, L)
+    torch.manual_seed(0)
+    m = Transformer(preset("debug")).eval()
+
+    def noisy_logits(x):
+        with torch.no_grad():
+            return m(x, positions=ext["positions"], mask=mask)[0, T:T + 4]  # the first image's noisy copy
+
+    base = noisy_logits(ext["ids"])
+    img1 = doc.index(v.img)
+
+    def moved(index):
+        x = ext["ids"].clone()
+        x[0, index] = 3 if int(x[0, index]) != 3 else 4
+        return (noisy_logits(x) - base).abs().max().item() > 1e-6
+
+    assert not moved(img1 + 1)  # its own image's clean code
+    assert not moved(doc.index(7))  # clean text after the image
+    assert not moved(T + 4)  # the second image's noisy copy
+    assert moved(1) and moved(T + 1)  # the prefix, and a token of its own noisy copy
+
+
 def test_dida_k1_samples_each_position_independently(debug_model, bpe):
     """With K = 1 every code comes from one forward over the all-masked block: with greedy image
     sampling and no guidance, each code is the argmax of that forward's logits at its position."""
