@@ -214,3 +214,23 @@ def test_engine_uses_dida_for_adapted_checkpoints_and_per_request_k(tmp_path):
             assert [s["type"] for s in turn["output"]].count("image") == 1
         finally:
             eng.close()
+
+
+def test_bench_dida_json_rows_count_passes(capsys):
+    """bench/dida.py on the debug preset: one row per size and K with the documented keys; DiDA takes K
+    passes plus the span's one chunk, AR one per code, per EOL and for EOI."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "dida.py"
+    spec = importlib.util.spec_from_file_location("bench_dida", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--preset", "debug", "--sizes", "3,4", "--steps", "2,4", "--rounds", "1", "--native", "4", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["tokens"], r["k"]) for r in rows] == [(9, 2), (9, 4), (16, 2), (16, 4)]
+    for r in rows:
+        side = math.isqrt(r["tokens"])
+        assert r["ar_passes"] == r["tokens"] + side and r["dida_passes"] == r["k"] + 1
+        assert r["native"] == (side == 4) and r["speedup"] == pytest.approx(r["ar_seconds"] / r["dida_seconds"])
