@@ -7,10 +7,11 @@ For each image size (h = w tokens) the AR path (KV cache; the compiled one-token
 parallel steps, both with guidance (two rows per forward) from the same prompt and seed, the same
 sampler (inverse-CDF) and the same narrow head (visual codes only, inside the grid). Printed per size
 and K: seconds per image (the median of --rounds runs; each round times every path once, so a machine
-that slows down mid-run slows all of them), sequential forward passes per image, and the ratios. Weights are random
-unless --checkpoint is given (timing does not depend on them); `native` marks the checkpoint's
-trained image size. DiDA's block forward runs eager: it is matmul-bound, and compiling it measured
-0.35 s per 12x12 image against 0.33 s eager on the demo model. `--device cuda` runs a mid-size random configuration (~1.3B parameters) at 64x64.
+that slows down mid-run slows all of them), sequential forward passes per image, and the ratios.
+Weights are random unless --checkpoint is given (timing does not depend on them); `native` marks the
+checkpoint's trained image size. DiDA's block forward runs eager: it is matmul-bound, and compiling it
+measured 0.35 s per 12x12 image against 0.33 s eager on the demo model. `--device cuda` runs a
+mid-size random configuration (~1.3B parameters) at 64x64.
 """
 
 from __future__ import annotations
