@@ -350,3 +350,17 @@ def test_pixel_round_trip_is_exact():
     assert np.asarray(to_pil(torch.full((3, 2, 2), 3.0))).max() == 255  # out of range saturates
     with pytest.raises(ValueError, match="uint8"):
         to_tensor(pixels.astype(np.float32))
+
+
+def test_sim_ibq_init_factor_and_width():
+    """train.sim.ibq_init's CPU tokenizer: factor 8 is the shipped design, factor 4 codes 4x4 patches (a 16x16
+    image gives a 4x4 grid), and an unknown factor is refused by name."""
+    from train.sim.ibq_init import demo_small_config
+
+    assert demo_small_config().downsample_factor == 8 and demo_small_config().base_channels == 32
+    cfg = demo_small_config(norm_groups=8, patch_shortcut=True, factor=4, base_channels=40)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert IBQ(cfg).encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="factor"):
+        demo_small_config(factor=2)
