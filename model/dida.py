@@ -74,7 +74,7 @@ class DiDASampler:
         model, vocab, prefix, params = run.model, run.vocab, run.prefix, run.params
         cache, device = prefix.cache, prefix.cache.k.device
         n, rows, start = height * width, prefix.num_rows, prefix.cache.length
-        if start + n > cache.max_length:
+        if start + n + height > cache.max_length:  # the finished span: codes, EOLs and EOI
             return None
         codes = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: still masked
         positions = cache.next_position[:, None] + code_positions(height, width).to(device)[None]  # (B, N)

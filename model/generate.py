@@ -246,7 +246,8 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
         reuses it for later images.
     tokenizer: for TextDelta; without one, text deltas are not emitted (ids are in Finished).
     decode_image: codes (h, w) -> image, called on each finished image.
-    decode_step: e.g. compile_decode(model), used for one-token steps.
+    decode_step: `step(ids, cache, vocab_range)` for one-token steps (eager_decode's contract), e.g.
+        compile_decode(model).
     start_with_image, stop_ids (default: EOS), min_images, max_images, max_text_tokens,
         min_text_tokens: the turn's
         shape, enforced by the FSM (see sampling.DecodeFSM).
@@ -311,9 +312,11 @@ def generate(model, prompt_ids: list[int], *, params: SamplingParams, generator:
                 h, w = fsm.size
                 yield ImageStarted(h, w)
                 grid = yield from image_sampler.sample(run, h, w)
-                if grid is not None:
-                    codes = torch.tensor(grid, dtype=torch.long)
-                    yield ImageDone(codes, decode_image(codes) if decode_image is not None else None)
+                if grid is None:  # the image did not fit: the answer ends here, never with half a grid
+                    reason = run.out_of_room() or "context"
+                    break
+                codes = torch.tensor(grid, dtype=torch.long)
+                yield ImageDone(codes, decode_image(codes) if decode_image is not None else None)
             elif was_text and token in stop_ids:
                 reason = "eos"
                 break

@@ -118,8 +118,8 @@ def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -
     number per row (torch.multinomial took 8x longer on 144 x 2048 image logits on a 2-core CPU). The first id
     whose cumulative mass exceeds u wins, so an id of probability 0 is never drawn; u at the very top
     (rounding) falls back to the last id with mass."""
-    cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V); fp64, so ids of tiny mass stay reachable
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
     last_with_mass = (probs > 0).cumsum(-1).argmax(-1)
     return torch.minimum(drawn, last_with_mass)
@@ -137,7 +137,8 @@ class DecodeFSM:
     `max_text_tokens` tokens is closed by BOI while images are still owed, else by the first stop id;
     no image opens before the current text run has `min_text_tokens` tokens.
     Use: `forced()` gives the one id that must come next (or None); otherwise `constrain(logits)`
-    masks disallowed ids; then `advance(id)` moves the state and returns the finished code grid
+    masks disallowed ids (inside a grid every visual code is allowed, so image samplers skip it and
+    score the visual codes alone); then `advance(id)` moves the state and returns the finished code grid
     (h, w) when the id closed an image.
     """
 

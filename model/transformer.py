@@ -146,8 +146,11 @@ class Transformer(nn.Module):
         positions: (B, T) long rotary positions; by default they continue the cache's positions.
         score: (T',) long indices along T: logits only for those positions, (B, T', V).
         vocab_range: (lo, hi): logits only for ids lo..hi-1, (..., hi - lo); the head multiplies by
-            those rows of lm_head alone (a sampler that may only pick visual codes skips the rest).
+            those rows of lm_head.weight alone (a sampler that may only pick visual codes skips the rest),
+            so lm_head's forward (and any hook on it) is not called then.
         """
+        if last_only and score is not None:
+            raise ValueError("score: give either last_only or score, not both")
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
         if cache is not None:

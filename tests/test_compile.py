@@ -1,4 +1,5 @@
-"""The optional torch.compile'd one-token decode step gives the eager step's logits (slow: ~30 s compile)."""
+"""The optional torch.compile'd one-token decode step gives the eager step's logits, full and narrowed to an id
+range (slow: ~30 s compile)."""
 
 import pytest
 import torch
@@ -22,3 +23,10 @@ def test_compiled_decode_step_matches_eager(debug_model):
             torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
             token = eager[:, -1].argmax(-1, keepdim=True)
     assert compiled_cache.length == eager_cache.length == 18
+    lo, hi = debug_model.config.num_text_tokens, debug_model.config.vocab_size  # a narrow head, as in a grid
+    with torch.no_grad():
+        for _ in range(3):
+            eager = debug_model(token, cache=eager_cache)
+            compiled = step(token, compiled_cache, (lo, hi))
+            torch.testing.assert_close(compiled, eager[..., lo:hi], atol=1e-5, rtol=1e-5)
+            token = eager[:, -1].argmax(-1, keepdim=True)

@@ -94,6 +94,8 @@ def test_score_and_vocab_range_select_from_the_full_logits(debug_model):
         cache.crop(8)
         narrow = debug_model(ids[:, 8:], cache=cache, mask=FULL, score=torch.tensor([0, 3]), vocab_range=(lo, hi))
     assert max_diff(narrow, block[:, [0, 3], lo:hi]) < ATOL
+    with pytest.raises(ValueError, match="score"):
+        debug_model(ids, last_only=True, score=pick)
 
 
 def test_left_padded_batch_matches_unpadded_rows(debug_model):
