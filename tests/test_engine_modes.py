@@ -40,7 +40,10 @@ def test_explore_step_by_step(eng):
     for t in turns:
         check_segments(t)
         assert len(images_of(t)) == 1, t["output"]
-        assert any(s["type"] == "text" for s in t["output"]), t["output"]  # the narration
+        # the narration: the turn shape puts text before the image; a random model may spend it on a
+        # reasoning (cot) span, which is still the turn's text, just not shown as narration
+        kinds = [s["type"] for s in t["output"]]
+        assert kinds[0] in ("text", "cot") and kinds.index("image") > 0, t["output"]
         assert t["meta"]["finish_reason"] == "eos"
     assert len({images_of(t)[0] for t in turns}) == 4  # a new picture every step
     assert [t["seq"] for t in eng.show("alice", sid)["turns"]] == [0, 1, 2, 3]
