@@ -110,12 +110,13 @@ def main(argv=None) -> None:
     for size in args.sizes:
         n = size * size
         samplers = {k: DiDASampler(k) for k in ks}
-        times = {path: [] for path in ["ar", "ar-compiled", *ks] if path != "ar-compiled" or step is not None}
+        ar_paths = ["ar"] + (["ar-compiled"] if step is not None else [])
+        times = {path: [] for path in [*ar_paths, *ks]}
         for _ in range(max(1, args.rounds)):  # rounds interleave the paths, so machine drift hits all alike
             for path in times:
                 sampler = samplers[path] if path in samplers else ARImageSampler()
                 times[path].append(decode_once(model, size, sampler, step if path == "ar-compiled" else None)[0])
-        ar_s = min(statistics.median(times[path]) for path in times if path in ("ar", "ar-compiled"))
+        ar_s = min(statistics.median(times[path]) for path in ar_paths)
         ar_passes = n + size  # one forward per code, per EOL and for EOI
         for k in ks:
             dida_s = statistics.median(times[k])

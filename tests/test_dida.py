@@ -9,6 +9,7 @@ from model.attention import block_from_mask_mod, dense_from_mask_mod
 from model.dida import DiDASampler, code_positions, mask_schedule, training_mask_mod
 from model.generate import Finished, ImageDone, ImageProgress, generate
 from model.sampling import SamplingParams
+from test_sampling import bias_toward  # the sampling tests' logit nudge
 
 
 def test_mask_schedule_is_cosine_and_fixes_at_least_one_per_step():
@@ -142,8 +143,7 @@ def test_dida_image_that_does_not_fit_ends_the_answer_with_context(debug_model, 
     v = bpe.vocab
     context = debug_model.config.max_position_embeddings
     prompt = [v.bos] + bpe.encode(" a") * (context - 16)  # 15 slots left: header 5, then 10 < 9 + 3
-    boi = debug_model.lm_head.register_forward_hook(lambda mod, inp, out: out.index_add(
-        -1, torch.tensor([v.boi]), torch.full((*out.shape[:-1], 1), 50.0)))
+    boi = bias_toward(debug_model, v.boi, 50.0)  # the text phase opens an image at once
     try:
         sampler = DiDASampler(2)
         events = list(generate(debug_model, prompt, params=SamplingParams(max_new_tokens=40), image_size=(3, 3),
