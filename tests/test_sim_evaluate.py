@@ -88,6 +88,11 @@ def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny_check
     assert next(rt.model.parameters()).dtype == torch.float32
     assert rt.default_image_size(1024 * 1024) == (6, 6) and rt.default_image_size(32 * 32) == (2, 2)
     assert rt.max_image_side() >= 6
+    # the evaluation compares at the area the checkpoint was trained at unless --image-area says otherwise
+    assert evaluate.Evaluator(out["out"]).image_area == 96 * 96
+    small = package(good, os.path.join(good, "vision_tokenizer"), str(tmp_path / "small"), image_area=64 * 64)
+    assert evaluate.Evaluator(small["out"]).image_area == 64 * 64
+    assert evaluate.Evaluator(small["out"], image_area=32 * 32).image_area == 32 * 32
 
 
 def test_tokenizer_eval_splits_vizdoom_by_world(tmp_path):
@@ -116,3 +121,30 @@ def test_tokenizer_eval_splits_vizdoom_by_world(tmp_path):
     assert doom["scenarios_psnr"] == doom["per_world"]["basic"]
     assert min(doom["per_world"]["freedoom2.wad:MAP01"], doom["per_world"]["freedoom2.wad:MAP02"]) <= doom["maps_psnr"]
     assert {"psnr", "object_psnr"} <= set(out["panda-heldout"]) and 0 < out["codebook_use"] <= 1
+
+
+def test_tokenizer_eval_next_frame_ceiling(tmp_path):
+    """--areas: per ViZDoom folder, the explore evaluation's next-frame figures at the world model's image
+    area, over consecutive keyframes. A still episode: copying the last frame is exact, and the last
+    frame's codes are the next frame's, so prev_tokens = tokenizer."""
+    import numpy as np
+    from PIL import Image
+
+    from model.vision_tokenizer import IBQ, ibq_preset
+    from train.sim import tokenizer_eval
+
+    frame = np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    for ep in ("ep0", "ep1"):
+        (tmp_path / "doom-heldout" / "frames" / ep).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(frame).save(tmp_path / "doom-heldout" / "frames" / ep / f"{k:03d}.png")
+    ibq = IBQ(ibq_preset("debug")).eval()
+    out = tokenizer_eval.evaluate(ibq, str(tmp_path), panda_episodes=1, areas=(32 * 48, 64 * 96))
+    nf = out["doom-heldout"]["next_frame"]
+    assert set(nf) == {"1536", "6144"}
+    for figures in nf.values():
+        assert figures["pairs"] == 6 and figures["baseline_psnr"] == 100.0
+        assert figures["prev_tokens_psnr"] == figures["tokenizer_psnr"] < 100
+        assert figures["ceiling_margin"] == round(figures["tokenizer_psnr"] - 100.0, 2)
+    with pytest.raises(ValueError, match="area"):
+        tokenizer_eval.evaluate(ibq, str(tmp_path), panda_episodes=1, areas=(100,))

@@ -72,7 +72,7 @@ class Evaluator:
     """The loaded checkpoint plus the helpers every task uses."""
 
     def __init__(self, checkpoint: str | None, sampler: str = "ar", dida_steps: int = 8,
-                 image_area: int = DEFAULT_IMAGE_AREA, seed: int = 0, temperature: float = 0.0):
+                 image_area: int | None = None, seed: int = 0, temperature: float = 0.0):
         from model.sampling import task_defaults
         from worldsim.runtime import DEFAULT_CHECKPOINT, Runtime
 
@@ -91,7 +91,8 @@ class Evaluator:
             self.sampler = DiDASampler(num_steps=dida_steps)
         else:
             self.sampler = None
-        self.image_area = image_area
+        # the area the checkpoint was trained at (worldsim.json), else 96x96
+        self.image_area = image_area or self.rt.native_image_area or DEFAULT_IMAGE_AREA
         self.patch = self.vq.config.downsample_factor
         self.params = task_defaults("explore").replace(guidance_scale=1.0, image_temperature=temperature,
                                                        text_temperature=temperature, max_new_tokens=4096)
@@ -403,7 +404,7 @@ def parse_sims(text: str) -> tuple[str, ...]:
 
 def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
         map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
-        sampler: str = "ar", dida_steps: int = 8, image_area: int = DEFAULT_IMAGE_AREA, rollout: int = 8,
+        sampler: str = "ar", dida_steps: int = 8, image_area: int | None = None, rollout: int = 8,
         sims: str = ",".join(SIMS), span: int | None = None, doom_tics: int | None = None) -> dict:
     from train.sim.common import check_episodes
 
@@ -451,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--rollout", type=int, default=8)
     p.add_argument("--sampler", default="ar", choices=SAMPLERS)
     p.add_argument("--dida-steps", type=int, default=8)
-    p.add_argument("--image-area", type=int, default=DEFAULT_IMAGE_AREA)
+    p.add_argument("--image-area", type=int,
+                   help=f"px per image (default: the checkpoint's training area, worldsim.json, else {DEFAULT_IMAGE_AREA})")
     p.add_argument("--sims", default=",".join(SIMS), help="video: simulators to draw clips from")
     p.add_argument("--span", type=int, help="video: frames from keyframe to keyframe (default: the decoder's)")
     p.add_argument("--doom-tics", type=int, help="video: tics a ViZDoom frame (default: the decoder's, else 4)")
