@@ -148,3 +148,33 @@ def test_tokenizer_eval_next_frame_ceiling(tmp_path):
         assert figures["ceiling_margin"] == round(figures["tokenizer_psnr"] - 100.0, 2)
     with pytest.raises(ValueError, match="area"):
         tokenizer_eval.evaluate(ibq, str(tmp_path), panda_episodes=1, areas=(100,))
+
+
+def test_package_tokenizer_alone(tmp_path):
+    """train.sim.package --vision-tokenizer alone: the tokenizer in fp16, encoding as the fp32 original
+    rounded to fp16 does; the budget counts the other assets, and a refusal writes nothing."""
+    import torch
+    from safetensors import safe_open
+
+    from model.vision_tokenizer import IBQ, ibq_preset, load_ibq, save_ibq
+    from train.sim.package import main, package_tokenizer
+
+    torch.manual_seed(0)
+    src, assets = tmp_path / "ibq", tmp_path / "assets"
+    ibq = IBQ(ibq_preset("debug")).eval()
+    save_ibq(ibq, str(src))
+    (assets / "demo").mkdir(parents=True)
+    (assets / "demo" / "weights.bin").write_bytes(b"0" * 2 ** 20)
+    out = package_tokenizer(str(src), str(assets / "ibq_f4"))
+    assert out["assets_mb"] == pytest.approx(out["mb"] + 1.0, abs=0.01)
+    with safe_open(str(assets / "ibq_f4" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    half = IBQ(ibq.config).eval()
+    half.load_state_dict({k: v.half().float() for k, v in ibq.state_dict().items()})
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(load_ibq(str(assets / "ibq_f4")).encode(x), half.encode(x))
+    with pytest.raises(ValueError, match="size:.*budget"):
+        package_tokenizer(str(src), str(assets / "other"), max_mb=out["assets_mb"] + 0.1)
+    assert not (assets / "other").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(assets / "x")])  # neither a model, a tokenizer nor a video decoder

@@ -2,12 +2,16 @@
 
     python -m train.sim.package --model runs/sft-sim --vision-tokenizer runs/ibq-sim/checkpoints/step_NNNNNN --out assets/demo
     python -m train.sim.package --video-decoder runs/video-sim-distill/checkpoints/step_NNNNNN --out assets/video_decoder
+    python -m train.sim.package --vision-tokenizer runs/ibq-f4/checkpoints/step_NNNNNN --out assets/ibq_f4
 
 --model: a save_pretrained folder or a run folder (its latest checkpoint). Writes OUT/{config.json,
 model.safetensors, tokenizer.json, worldsim.json (the training image area: the engine's default image
 size)} and OUT/vision_tokenizer/{config.json, model.safetensors}, checks that
 the tokenizer's codebook matches the model's, and that everything together stays within --max-mb
 (80 MB: the issue's budget for all shipped checkpoints).
+
+--vision-tokenizer alone: that tokenizer in fp16 (a `load_ibq` folder), for a world model still to be trained
+on it (train/sim/pipeline.sh takes it as IBQ=OUT); the budget counts it with every other folder under assets/.
 
 --video-decoder: a video decoder folder (train.video_decoder's checkpoints/step_N), rewritten in fp16 with
 its own IBQ; the budget then counts it together with every other folder under assets/ it does not replace.
@@ -57,6 +61,20 @@ def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_a
     return check_budget(out, folder_mb(out), max_mb)
 
 
+def package_tokenizer(vq_dir: str, out: str, max_mb: float = 80.0) -> dict:
+    import shutil
+    import tempfile
+
+    from model.vision_tokenizer import load_ibq, save_ibq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_ibq(load_ibq(vq_dir).half(), tmp)
+        summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp, out)
+    return summary
+
+
 def package_video(decoder_dir: str, out: str, max_mb: float = 80.0, num_steps: int | None = None) -> dict:
     """The video decoder folder in fp16 at `out`, sampling with `num_steps` (default: its own count; an
     undistilled decoder only); refuses when the assets folder beside `out` (out's siblings, the shipped
@@ -96,8 +114,10 @@ def main(argv=None) -> None:
         print(package_video(a.video_decoder, a.out, a.max_mb, a.num_steps))
     elif a.model and a.vision_tokenizer:
         print(package(a.model, a.vision_tokenizer, a.out, a.max_mb, a.image_area))
+    elif a.vision_tokenizer:
+        print(package_tokenizer(a.vision_tokenizer, a.out, a.max_mb))
     else:
-        p.error("give --model and --vision-tokenizer, or --video-decoder")
+        p.error("give --model and --vision-tokenizer, --vision-tokenizer alone, or --video-decoder")
 
 
 if __name__ == "__main__":
