@@ -67,11 +67,12 @@ def package_tokenizer(vq_dir: str, out: str, max_mb: float = 80.0) -> dict:
 
     from model.vision_tokenizer import load_ibq, save_ibq
 
+    vq = load_ibq(vq_dir).half()
     with tempfile.TemporaryDirectory() as tmp:
-        save_ibq(load_ibq(vq_dir).half(), tmp)
+        save_ibq(vq, tmp)
         summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp, out)
+    shutil.rmtree(out, ignore_errors=True)
+    save_ibq(vq, out)
     return summary
 
 

@@ -3,6 +3,8 @@
 # trainers resume from their latest checkpoint). Usage: bash train/sim/pipeline.sh [RUNS_DIR]
 # Stages: simulator data -> IBQ tokenizer -> tokenizer PSNR report -> text BPE -> pretokenized shards -> pretrain
 # -> SFT -> self-distillation (the SFT model's own images, train.self_distill) -> DiDA -> assets/demo.
+# The next demo, on the shipped factor-4 tokenizer (assets/README.md):
+#   IBQ=assets/ibq_f4 AREA=4096 SEQ_LEN=1792 bash train/sim/pipeline.sh runs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${1:-runs}
@@ -13,6 +15,8 @@ SFT_STEPS=${SFT_STEPS:-300}
 DEVICE=${DEVICE:-cpu}  # cuda on a lent GPU
 DIDA_STEPS=${DIDA_STEPS:-200}
 OUT=${OUT:-assets/demo}  # where train.sim.package writes the shipped checkpoints
+AREA=${AREA:-9216}  # px per image in the world model's data (96x96)
+SEQ_LEN=${SEQ_LEN:-1280}  # the LM's packed sequence, room for a whole record (an explore record is 5 images)
 LM_MODEL='{"hidden_size":256,"intermediate_size":768,"num_layers":4,"num_heads":4,"num_kv_heads":2,"head_dim":64,"max_position_embeddings":4096,"dropout":0.0}'
 gen() {  # gen NAME ARGS...: one generator run, skipped when its summary exists
   local name=$1; shift
@@ -30,24 +34,29 @@ gen doom-unseen-f1-e1m1 --sim doom --episodes 6 --seed 3 --split heldout --wad f
 gen panda-heldout --sim panda --episodes 24 --seed 1 --split heldout
 gen crafter-heldout --sim crafter --episodes 12 --seed 1 --split heldout
 echo "[pipeline] ibq $(date)"
+# IBQ: a trained tokenizer folder to use instead of training one here (then IBQ_INIT_ARGS and IBQ_STEPS are unused).
 # IBQ_INIT_ARGS: extra train.sim.ibq_init flags. Empty reproduces the shipped tokenizer; the better recipe
-# measured since ("--norm-groups 8 --patch-shortcut", see assets/README.md) needs the whole chain rerun.
-[ -d "$R/ibq-init" ] || python -m train.sim.ibq_init --out "$R/ibq-init" ${IBQ_INIT_ARGS:-}
-python -m train.tokenizer_ibq --recipe demo_cpu --init-from "$R/ibq-init" \
-  --images "$D/doom-train/frames" "$D/panda-train/frames" "$D/panda-train/frames" \
-  "$D/crafter-train/frames" "$D/crafter-train/frames" --out "$R/ibq-sim" \
-  --steps "$IBQ_STEPS" --set resolution=64 batch_size=8 lr=0.001 min_lr=0.00005 warmup_steps=50 \
-  perceptual_weight=0.25 disc_weight=0.0 entropy_weight=0.0 quantizer=cosine restart_every=50 save_every=250 \
-  progress=false --device "$DEVICE"
-IBQ="$R/ibq-sim/checkpoints/$(cat "$R/ibq-sim/checkpoints/latest")"
-[ -f "$R/ibq-sim/psnr.json" ] || python -m train.sim.tokenizer_eval --vision-tokenizer "$IBQ" --data-root "$D" > "$R/ibq-sim/psnr.json"
+# measured since ("--norm-groups 8 --patch-shortcut --factor 4 --base-channels 40", see assets/README.md)
+# needs the whole chain rerun.
+if [ -z "${IBQ:-}" ]; then
+  [ -d "$R/ibq-init" ] || python -m train.sim.ibq_init --out "$R/ibq-init" ${IBQ_INIT_ARGS:-}
+  python -m train.tokenizer_ibq --recipe demo_cpu --init-from "$R/ibq-init" \
+    --images "$D/doom-train/frames" "$D/panda-train/frames" "$D/panda-train/frames" \
+    "$D/crafter-train/frames" "$D/crafter-train/frames" --out "$R/ibq-sim" \
+    --steps "$IBQ_STEPS" --set resolution=64 batch_size=8 lr=0.001 min_lr=0.00005 warmup_steps=50 \
+    perceptual_weight=0.25 disc_weight=0.0 entropy_weight=0.0 quantizer=cosine restart_every=50 save_every=250 \
+    progress=false --device "$DEVICE"
+  IBQ="$R/ibq-sim/checkpoints/$(cat "$R/ibq-sim/checkpoints/latest")"
+fi
+[ -f "$R/ibq-psnr.json" ] || python -m train.sim.tokenizer_eval --vision-tokenizer "$IBQ" --data-root "$D" \
+  --areas "$AREA" > "$R/ibq-psnr.json"
 echo "[pipeline] bpe $(date)"
 [ -f "$R/tok-sim/tokenizer.json" ] || python -m train.text_bpe --recipe demo --out "$R/tok-sim" \
   --text README.md model/*.py worldsim/*.py train/*.py train/data/*.py --shards "$D/doom-train" "$D/panda-train" "$D/crafter-train"
 echo "[pipeline] pretokenize $(date)"
 C=$R/simcodes  # the training shards with code grids: the LM stages then never run the IBQ
 for s in doom-train panda-train crafter-train; do
-  [ -d "$C/$s" ] || python -m train.data.pretokenize --vision-tokenizer "$IBQ" --image-area 9216 --data "$D/$s" --out "$C/$s"
+  [ -d "$C/$s" ] || python -m train.data.pretokenize --vision-tokenizer "$IBQ" --image-area "$AREA" --data "$D/$s" --out "$C/$s"
 done
 # The LM mix: ViZDoom has ~10k records, PyBullet ~1.4k and Crafter fewer, so the small two are listed 3x
 # (train/data/pack.py interleaves shards in proportion to their records, a shard listed twice counting twice).
@@ -55,16 +64,17 @@ MIX="$C/doom-train $C/panda-train $C/panda-train $C/panda-train $C/crafter-train
 echo "[pipeline] pretrain $(date)"
 python -m train.pretrain --recipe demo_cpu --data $MIX \
   --tokenizer "$R/tok-sim" --out "$R/pretrain-sim" --steps "$PRE_STEPS" --device "$DEVICE" \
-  --set vision_tokenizer="$IBQ" image_area=9216 "model_overrides=$LM_MODEL" lr=0.001 min_lr=0.0001 \
-  batch_size=4 warmup_steps=100 micro_batch_size=0 seq_len=1280 save_every=100 progress=false
+  --set vision_tokenizer="$IBQ" image_area="$AREA" "model_overrides=$LM_MODEL" lr=0.001 min_lr=0.0001 \
+  batch_size=4 warmup_steps=100 micro_batch_size=0 seq_len="$SEQ_LEN" save_every=100 progress=false
 echo "[pipeline] sft $(date)"
 python -m train.sft --recipe demo_cpu --data $MIX \
   --init-from "$R/pretrain-sim" --out "$R/sft-sim" --steps "$SFT_STEPS" --device "$DEVICE" \
-  --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=50 micro_batch_size=0 seq_len=1280 \
+  --set vision_tokenizer="$IBQ" image_area="$AREA" lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=50 micro_batch_size=0 seq_len="$SEQ_LEN" \
   save_every=100 progress=false
 echo "[pipeline] self-distill $(date)"
 # the AR teacher needs a packaged folder (model + its vision tokenizer); runs/ is not assets/, so no size budget
-[ -d "$R/sft-packed" ] || python -m train.sim.package --model "$R/sft-sim" --vision-tokenizer "$IBQ" --out "$R/sft-packed" --max-mb 1e9
+[ -d "$R/sft-packed" ] || python -m train.sim.package --model "$R/sft-sim" --vision-tokenizer "$IBQ" --out "$R/sft-packed" \
+  --max-mb 1e9 --image-area "$AREA"
 [ -d "$R/self-distill/panda" ] || python -m train.self_distill --checkpoint "$R/sft-packed" --data "$C/panda-train" \
   --records 150 --out "$R/self-distill/panda"
 [ -d "$R/self-distill/mix" ] || python -m train.self_distill --checkpoint "$R/sft-packed" --data "$C/doom-train" \
@@ -73,10 +83,10 @@ SD="$R/self-distill/panda $R/self-distill/panda $R/self-distill/panda $R/self-di
 echo "[pipeline] dida $(date)"
 python -m train.dida --recipe demo_cpu --data $MIX $SD \
   --init-from "$R/sft-sim" --out "$R/dida-sim" --steps "$DIDA_STEPS" --device "$DEVICE" \
-  --set vision_tokenizer="$IBQ" image_area=9216 lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=20 micro_batch_size=0 seq_len=1280 \
+  --set vision_tokenizer="$IBQ" image_area="$AREA" lr=0.0003 min_lr=0.00003 batch_size=4 warmup_steps=20 micro_batch_size=0 seq_len="$SEQ_LEN" \
   save_every=100 progress=false
 # No balancing pass after DiDA: 80 steps on PyBullet + Crafter (alone, or 4x/8x beside ViZDoom) taught plans
 # and guides their own sentences but cost 3.9-4.3 dB of explore PSNR (see assets/README.md).
 echo "[pipeline] package $(date)"
-python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out "$OUT"
+python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out "$OUT" --image-area "$AREA"
 echo "[pipeline] done $(date)"
