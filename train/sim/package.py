@@ -61,19 +61,26 @@ def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_a
     return check_budget(out, folder_mb(out), max_mb)
 
 
-def package_tokenizer(vq_dir: str, out: str, max_mb: float = 80.0) -> dict:
+def write_within_budget(out: str, write, max_mb: float) -> dict:
+    """`write(folder)` into a scratch folder; refuses, leaving `out` as it was, when that folder and the
+    other assets beside `out` would exceed `max_mb` together; else the folder replaces `out`."""
     import shutil
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = os.path.join(tmp, "staged")
+        write(staged)
+        summary = check_budget(out, folder_mb(staged), max_mb)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.move(staged, out)
+    return summary
+
+
+def package_tokenizer(vq_dir: str, out: str, max_mb: float = 80.0) -> dict:
     from model.vision_tokenizer import load_ibq, save_ibq
 
     vq = load_ibq(vq_dir).half()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_ibq(vq, tmp)
-        summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
-    shutil.rmtree(out, ignore_errors=True)
-    save_ibq(vq, out)
-    return summary
+    return write_within_budget(out, lambda folder: save_ibq(vq, folder), max_mb)
 
 
 def package_video(decoder_dir: str, out: str, max_mb: float = 80.0, num_steps: int | None = None) -> dict:
@@ -81,8 +88,6 @@ def package_video(decoder_dir: str, out: str, max_mb: float = 80.0, num_steps: i
     undistilled decoder only); refuses when the assets folder beside `out` (out's siblings, the shipped
     world model among them) and it would exceed `max_mb` together."""
     import dataclasses
-    import shutil
-    import tempfile
 
     from model.video_sampling import load_video_decoder, save_video_decoder
 
@@ -93,12 +98,8 @@ def package_video(decoder_dir: str, out: str, max_mb: float = 80.0, num_steps: i
         if settings.teacher_steps is not None and num_steps != settings.num_steps:
             raise ValueError(f"num_steps: {decoder_dir} is distilled for {settings.num_steps} steps, got {num_steps}")
         settings = dataclasses.replace(settings, num_steps=num_steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_video_decoder(tmp, model.half(), ibq.half(), settings)
-        summary = check_budget(out, folder_mb(tmp), max_mb)  # before the old folder is replaced
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp, out)
-    return summary
+    return write_within_budget(out, lambda folder: save_video_decoder(folder, model.half(), ibq.half(), settings),
+                               max_mb)
 
 
 def main(argv=None) -> None:
