@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vizdoom")
@@ -60,6 +61,37 @@ def test_guide_and_story_keys(tiny_checkpoints, capsys):
 def test_bad_inputs(tiny_checkpoints, capsys, extra, message):
     rc, out, err = _run(capsys, ["--task", "explore", "--checkpoint", tiny_checkpoints["good"]] + extra)
     assert rc == 2 and message in err and message in out["error"]
+
+
+def test_score_area_compares_models_of_different_areas_on_the_same_pixels(tiny_checkpoints, capsys):
+    """--score-area: every figure on one frame size whatever the model's area, so copy-last (which does not
+    depend on the model) comes out identical for a model read at 48x80 and at 80x112; without it, each
+    area scores on its own frames."""
+    base = ["--task", "explore", "--checkpoint", tiny_checkpoints["good"], "--scenario", "basic", "--episodes", "1",
+            "--steps", "2", "--rollout", "1"]
+    figures = {}
+    for area in (64 * 64, 96 * 96):
+        for score in ([], ["--score-area", str(96 * 96)]):
+            rc, out, err = _run(capsys, base + ["--image-area", str(area)] + score)
+            assert rc == 0, err
+            figures[area, bool(score)] = out
+    assert figures[4096, True]["baseline_psnr"] == figures[9216, True]["baseline_psnr"]
+    assert figures[4096, False]["baseline_psnr"] != figures[9216, False]["baseline_psnr"]
+    # the factor-16 debug tokenizer at 96x96 reads 80x112 frames, the score frame itself: nothing moves
+    assert figures[9216, True]["tokenizer_psnr"] == figures[9216, False]["tokenizer_psnr"]
+    ev = evaluate.Evaluator(tiny_checkpoints["good"], image_area=64 * 64, score_area=96 * 96)
+    frame = np.zeros((120, 160, 3), np.uint8)
+    assert ev.resize(frame).shape == (48, 80, 3) and ev.truth(frame).shape == (80, 112, 3)
+    assert ev.pixels(ev.encode(ev.resize(frame)), ev.truth(frame)).shape == (80, 112, 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "explore", "--score-area", "10"], "score_area: must be an integer of at least 64 px, got 10"),
+    (["--task", "guide", "--score-area", "9216"], "score_area: only for --task explore or manipulate"),
+])
+def test_bad_score_area(tiny_checkpoints, capsys, extra, message):
+    rc, out, err = _run(capsys, ["--checkpoint", tiny_checkpoints["good"], "--episodes", "1"] + extra)
+    assert rc == 2 and message in err
 
 
 def test_tokenizer_mismatch(tiny_checkpoints, capsys):

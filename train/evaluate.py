@@ -3,7 +3,7 @@ were trained on (DESIGN "the simulator is also the ground truth"). Prints JSON m
 
     python -m train.evaluate --task {explore,manipulate,guide,story,video} [--checkpoint DIR]
         [--scenario NAME_OR_CFG | --wad FILE --map MAP] [--episodes N] [--seed S] [--steps K]
-        [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--context C]
+        [--sampler ar|dida] [--dida-steps K] [--image-area PX] [--score-area PX] [--context C]
         [--sims vizdoom,crafter,pybullet] [--span N] [--doom-tics T] [--json]
 
 Held-out by construction: episode seeds are `seed + HELDOUT_SEED_OFFSET` of each simulator, PyBullet uses
@@ -12,7 +12,10 @@ the held-out colour set, and ViZDoom runs the training scenarios (new seeds) unl
 --task video it names a video decoder folder instead (default: worldsim.video.find_video_decoder()).
 
 Images: engine frames are resized (bicubic, SPEC §4) to the model's image size (`--image-area`, the area
-used in training) and every PSNR is computed there, on decoded pixels against those frames.
+used in training) and every PSNR is computed there, on decoded pixels against those frames. With
+`--score-area PX` (explore, manipulate) the figures are computed on frames of that area instead (sides
+multiples of 8), the model's images resized to them: the way to compare checkpoints trained at different
+areas or on tokenizers of different factors on the same pixels.
 
 - explore (ViZDoom): teacher-forced next frame. The model sees the true history (the last `--context`
   frames as codes, each step's true narration) and generates the next image. `model_psnr` (the model),
@@ -64,6 +67,7 @@ from train.sim.clips import SIMS, video_clips
 TASKS = ("explore", "manipulate", "guide", "story", "video")
 SAMPLERS = ("ar", "dida")
 DEFAULT_IMAGE_AREA = 96 * 96
+SCORE_PATCH = 8  # --score-area frames: sides rounded to multiples of 8, the frames the factor-8 demo was scored on
 
 
 # ------------------------------------------------------------------------------------ model side
@@ -72,7 +76,8 @@ class Evaluator:
     """The loaded checkpoint plus the helpers every task uses."""
 
     def __init__(self, checkpoint: str | None, sampler: str = "ar", dida_steps: int = 8,
-                 image_area: int | None = None, seed: int = 0, temperature: float = 0.0):
+                 image_area: int | None = None, seed: int = 0, temperature: float = 0.0,
+                 score_area: int | None = None):
         from model.sampling import task_defaults
         from worldsim.runtime import DEFAULT_CHECKPOINT, Runtime
 
@@ -94,6 +99,9 @@ class Evaluator:
         # the area the checkpoint was trained at (worldsim.json), else 96x96
         self.image_area = image_area or self.rt.native_image_area or DEFAULT_IMAGE_AREA
         self.patch = self.vq.config.downsample_factor
+        if score_area is not None and (not isinstance(score_area, int) or score_area < SCORE_PATCH ** 2):
+            raise ValueError(f"score_area: must be an integer of at least {SCORE_PATCH ** 2} px, got {score_area!r}")
+        self.score_area = score_area
         self.params = task_defaults("explore").replace(guidance_scale=1.0, image_temperature=temperature,
                                                        text_temperature=temperature, max_new_tokens=4096)
         self.generator = torch.Generator().manual_seed(seed)
@@ -105,6 +113,27 @@ class Evaluator:
         from model.vision_tokenizer import resize_to_area
 
         return np.asarray(resize_to_area(Image.fromarray(frame), self.image_area, self.patch))
+
+    def truth(self, frame: np.ndarray) -> np.ndarray:
+        """The engine frame a figure compares against: the model's own input size, or with `score_area` one
+        size for every checkpoint (sides multiples of SCORE_PATCH), so models trained at different areas or
+        tokenizer factors compare on the same pixels."""
+        from PIL import Image
+
+        from model.vision_tokenizer import resize_to_area
+
+        if self.score_area is None:
+            return self.resize(frame)
+        return np.asarray(resize_to_area(Image.fromarray(frame), self.score_area, SCORE_PATCH))
+
+    def pixels(self, codes, like: np.ndarray) -> np.ndarray:
+        """Decoded codes at `like`'s size (bicubic when the sizes differ)."""
+        from PIL import Image
+
+        y = self.decode(codes)
+        if y.shape[:2] == like.shape[:2]:
+            return y
+        return np.asarray(Image.fromarray(y).resize((like.shape[1], like.shape[0]), Image.Resampling.BICUBIC))
 
     def resize_mask(self, mask: np.ndarray, like: np.ndarray) -> np.ndarray:
         from PIL import Image
@@ -209,8 +238,8 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
         rng = np.random.default_rng([seed + doom.HELDOUT_SEED_OFFSET, i])
         frames, actions = doom.episode(w, int(rng.integers(2 ** 31 - 1)), max(steps, rollout),
                                        warmup=int(rng.integers(0, 40)))
-        small = [ev.resize(f) for f in frames]
-        codes = [ev.encode(f) for f in small]
+        codes = [ev.encode(ev.resize(f)) for f in frames]
+        small = [ev.truth(f) for f in frames]
         size = (len(codes[0]), len(codes[0][0]))
         for k in range(1, steps + 1):
             lo = max(0, k - context)
@@ -223,12 +252,12 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
                 return fmt.record("explore", answer, "Explore this place.", [_codes(codes[lo])])
 
             a = actions[k - 1]
-            pred = ev.decode(ev.next_image(ev.prefix_ids(record(doom.NARRATION[a])), size))
+            pred = ev.pixels(ev.next_image(ev.prefix_ids(record(doom.NARRATION[a])), size), small[k])
             other = doom.ACTIONS[(doom.ACTIONS.index(a) + 1 + int(rng.integers(len(doom.ACTIONS) - 1))) % len(doom.ACTIONS)]
-            shuf = ev.decode(ev.next_image(ev.prefix_ids(record(doom.NARRATION[other])), size))
+            shuf = ev.pixels(ev.next_image(ev.prefix_ids(record(doom.NARRATION[other])), size), small[k])
             rows.append({"action": a, "model": psnr(small[k], pred), "baseline": psnr(small[k], small[k - 1]),
-                         "prev_tokens": psnr(small[k], ev.decode(codes[k - 1])),
-                         "tokenizer": psnr(small[k], ev.decode(codes[k])), "shuffled": psnr(small[k], shuf)})
+                         "prev_tokens": psnr(small[k], ev.pixels(codes[k - 1], small[k])),
+                         "tokenizer": psnr(small[k], ev.pixels(codes[k], small[k])), "shuffled": psnr(small[k], shuf)})
         # rollout: the model's own frames as history
         own = [codes[0]]
         for k in range(1, rollout + 1):
@@ -239,7 +268,7 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
             answer.append(fmt.text(doom.NARRATION[actions[k - 1]]))
             rec = fmt.record("explore", answer, "Explore this place.", [_codes(own[lo])])
             own.append(ev.next_image(ev.prefix_ids(rec), size))
-            roll.append(psnr(small[k], ev.decode(own[k])))
+            roll.append(psnr(small[k], ev.pixels(own[k], small[k])))
             roll_base.append(psnr(small[k], small[0]))
 
     def summary(rs):
@@ -265,9 +294,9 @@ def manipulate(ev: Evaluator, episodes: int, seed: int) -> dict:
     for i in range(episodes):
         rng = np.random.default_rng([seed + panda.HELDOUT_SEED_OFFSET, i])
         ep = panda.episode(panda.TASKS[i % len(panda.TASKS)], int(rng.integers(2 ** 31 - 1)), "heldout")
-        small = [ev.resize(f) for f in ep.frames]
+        codes = [ev.encode(ev.resize(f)) for f in ep.frames]
+        small = [ev.truth(f) for f in ep.frames]
         masks = [ev.resize_mask(m, s) for m, s in zip(ep.masks, small)]
-        codes = [ev.encode(f) for f in small]
         size = (len(codes[0]), len(codes[0][0]))
         n = len(ep.subtasks)
         q = f"Robot Arm Type: {panda.ARM}. Instruction: {ep.goal}. Finish the task with {n} steps."
@@ -282,7 +311,7 @@ def manipulate(ev: Evaluator, episodes: int, seed: int) -> dict:
             match += said == f"Current Step: {ep.subtasks[k]}"
             n_sub += 1
             rec = fmt.record("vla", hist + [fmt.text(f"Current Step: {ep.subtasks[k]}")], q, [_codes(codes[0])])
-            pred = ev.decode(ev.next_image(ev.prefix_ids(rec), size))
+            pred = ev.pixels(ev.next_image(ev.prefix_ids(rec), size), small[k + 1])
             whole.append(psnr(small[k + 1], pred))
             obj.append(psnr(small[k + 1], pred, masks[k + 1]))
             bwhole.append(psnr(small[k + 1], small[0]))
@@ -405,7 +434,8 @@ def parse_sims(text: str) -> tuple[str, ...]:
 def run(task: str, checkpoint: str | None = None, scenario: str | None = None, wad: str | None = None,
         map_name: str | None = None, episodes: int = 4, seed: int = 0, steps: int = 8, context: int = 3,
         sampler: str = "ar", dida_steps: int = 8, image_area: int | None = None, rollout: int = 8,
-        sims: str = ",".join(SIMS), span: int | None = None, doom_tics: int | None = None) -> dict:
+        sims: str = ",".join(SIMS), span: int | None = None, doom_tics: int | None = None,
+        score_area: int | None = None) -> dict:
     from train.sim.common import check_episodes
 
     if task not in TASKS:
@@ -416,6 +446,8 @@ def run(task: str, checkpoint: str | None = None, scenario: str | None = None, w
             raise ValueError(f"{name}: must be a positive integer, got {v!r}")
     if task != "video" and (span or doom_tics):
         raise ValueError("span/doom_tics: only for --task video")
+    if score_area is not None and task not in ("explore", "manipulate"):
+        raise ValueError("score_area: only for --task explore or manipulate")
     world = None
     if scenario or wad or map_name:
         if task not in ("explore", "video"):
@@ -426,7 +458,7 @@ def run(task: str, checkpoint: str | None = None, scenario: str | None = None, w
     if task == "video":
         out = video(checkpoint, world, episodes, seed, parse_sims(sims), span, doom_tics)
         return {"task": task, "episodes": episodes, "seed": seed, **out}
-    ev = Evaluator(checkpoint, sampler, dida_steps, image_area, seed)
+    ev = Evaluator(checkpoint, sampler, dida_steps, image_area, seed, score_area=score_area)
     if task == "explore":
         out = explore(ev, world, episodes, seed, steps, context, rollout)
     elif task == "manipulate":
@@ -454,6 +486,9 @@ def main(argv=None) -> int:
     p.add_argument("--dida-steps", type=int, default=8)
     p.add_argument("--image-area", type=int,
                    help=f"px per image (default: the checkpoint's training area, worldsim.json, else {DEFAULT_IMAGE_AREA})")
+    p.add_argument("--score-area", type=int,
+                   help="explore/manipulate: compare every figure on frames of this many px, whatever the model's area "
+                        "(predictions resized bicubic), so checkpoints of different areas or tokenizers compare")
     p.add_argument("--sims", default=",".join(SIMS), help="video: simulators to draw clips from")
     p.add_argument("--span", type=int, help="video: frames from keyframe to keyframe (default: the decoder's)")
     p.add_argument("--doom-tics", type=int, help="video: tics a ViZDoom frame (default: the decoder's, else 4)")
@@ -464,7 +499,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     try:
         out = run(a.task, a.checkpoint, a.scenario, a.wad, a.map_name, a.episodes, a.seed, a.steps, a.context,
-                  a.sampler, a.dida_steps, a.image_area, a.rollout, a.sims, a.span, a.doom_tics)
+                  a.sampler, a.dida_steps, a.image_area, a.rollout, a.sims, a.span, a.doom_tics, a.score_area)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         if a.json:
