@@ -49,6 +49,30 @@ def test_explore_step_by_step(eng):
     assert [t["seq"] for t in eng.show("alice", sid)["turns"]] == [0, 1, 2, 3]
 
 
+def test_auto_size_keeps_an_uploaded_frame_s_shape(eng, engine_runtime):
+    """Without settings.image_size a world started from a picture is drawn in its shape on every turn
+    (a 4:3 ViZDoom-like frame -> 5 x 7 tokens of the debug IBQ's factor 16 at 96x96 px: as
+    resize_to_area encodes it, the grid a model trained on such frames knows); with no picture the
+    grid is square; an explicit image_size wins."""
+    from engine_helpers import png_image
+
+    area = {"sampling": {"image_area": 96 * 96}}
+    first = eng.new("alice", "explore", prompt="a corridor", images=[png_image(160, 120)], settings=area)
+    second = eng.step("alice", first["session_id"], "turn left")
+    for turn in (first, second):
+        assert turn["meta"]["image_size"] == [5, 7]
+        assert [(s["height"], s["width"]) for s in turn["output"] if s["type"] == "image"] == [(5, 7)]
+    assert eng.new("alice", "explore", prompt="a corridor", settings=area)["meta"]["image_size"] == [6, 6]
+    fixed = eng.new("alice", "explore", prompt="a corridor", images=[png_image(160, 120)],
+                    settings={**area, "image_size": [2, 3]})
+    assert fixed["meta"]["image_size"] == [2, 3]
+    # the runtime's rule: the checkpoint's area cap, then no side over max_image_side()
+    side = engine_runtime.max_image_side()
+    assert engine_runtime.default_image_size(4096 * 4096) == (side, side)
+    assert engine_runtime.default_image_size(4096 * 4096, (1600, 900)) == (round(side * 192 / 341), side)
+    assert engine_runtime.default_image_size(96 * 96, (120, 160)) == (7, 5)  # a portrait picture
+
+
 def test_auto_free_exploration(eng):
     sid = eng.new("alice", "explore", prompt="a forest path", settings=SMALL)["session_id"]
     job = eng.auto("alice", sid, 3, wait=False)

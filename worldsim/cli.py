@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=_size, help="HxW in tokens (default: the task's area, capped)")
+    p.add_argument("--image-size", type=_size, help="HxW in tokens (default: the task's area, capped at the model's; in the shape of the session's first uploaded image, else square)")
     p.add_argument("--max-steps", type=int, help="howto: most steps in the guide")
     p.add_argument("--title")
     p = sub.add_parser("step", help="one instruction turn")

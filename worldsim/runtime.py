@@ -93,13 +93,18 @@ class Runtime:
         """The largest square grid side (tokens) allowed: an image takes at most 1/8 of the context."""
         return min(99, max(1, int(math.sqrt(self.model.config.max_position_embeddings / 8))))
 
-    def default_image_size(self, image_area: int) -> tuple[int, int]:
-        """Square grid for the task's pixel area, at most the area the checkpoint was trained on (its
-        worldsim.json `image_area`, when it has one) and at most max_image_side()."""
+    def default_image_size(self, image_area: int, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(rows, cols) for the task's pixel area, at most the area the checkpoint was trained on (its
+        worldsim.json `image_area`, when it has one): square, or with `aspect` = an image's (width,
+        height) that image's shape, rounded as resize_to_area does (a 160x120 ViZDoom frame at 64x64 px
+        and factor 4: 14 x 18, the grid the demo was trained on). No side exceeds max_image_side()."""
         if self.native_image_area:
             image_area = min(image_area, self.native_image_area)
-        side = min(max(1, round(math.sqrt(image_area) / self.patch)), self.max_image_side())
-        return side, side
+        width, height = aspect or (1, 1)
+        per_px = math.sqrt(image_area / (width * height)) / self.patch
+        rows, cols = max(1, round(height * per_px)), max(1, round(width * per_px))
+        shrink = min(1.0, self.max_image_side() / max(rows, cols))
+        return max(1, round(rows * shrink)), max(1, round(cols * shrink))
 
     @torch.no_grad()
     def encode_image(self, image, size: tuple[int, int]) -> tuple[list[list[int]], object]:

@@ -164,8 +164,9 @@ class Worker:
             raise ValueError("session: it has no turns yet; its first turn must be a prompt")
         params = task_defaults(mode if mode != "vla" else "vla").replace(**settings.get("sampling", {}))
         assert isinstance(params, SamplingParams)
+        inputs = [turn_input] if mode in ("t2i", "x2i") else [t["input"] for t in history] + [turn_input]
         size = tuple(settings["image_size"]) if settings.get("image_size") else \
-            self.runtime.default_image_size(params.image_area)
+            self.runtime.default_image_size(params.image_area, self._upload_shape(inputs))
         shape = turn_shape(mode, kind, settings)
         forced, forced_hashes = [], []  # the answer's start, given rather than generated (a replan's)
         replan = job["payload"].get("replan") if job["action"] == "replan" else None
@@ -246,6 +247,18 @@ class Worker:
                 emit({"type": "image", "image": seg["image"], "height": seg["height"], "width": seg["width"]})
             elif seg["type"] == "text":  # a kept subtask or the edited one
                 emit({"type": "text", "text": seg["text"]})
+
+    def _upload_shape(self, inputs: list) -> tuple[int, int] | None:
+        """(width, height) of the first uploaded image among turn inputs: the views of a world started
+        from a picture keep its frame."""
+        from worldsim.media import load_upload
+
+        for turn_input in inputs:
+            for digest in (turn_input or {}).get("images", []):
+                row = self.store.get_image(digest)
+                if not isinstance(row["codes"], list):  # an upload (the model's own images hold their grid)
+                    return load_upload(row["png"]).size
+        return None
 
     def _image_ids(self, digest: str, size: tuple[int, int]) -> list[int]:
         """Serialized ids of a stored image: its own codes when the model made it, else the input
