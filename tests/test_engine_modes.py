@@ -66,7 +66,7 @@ def test_auto_size_keeps_an_uploaded_frame_s_shape(eng, engine_runtime):
     fixed = eng.new("alice", "explore", prompt="a corridor", images=[png_image(160, 120)],
                     settings={**area, "image_size": [2, 3]})
     assert fixed["meta"]["image_size"] == [2, 3]
-    # the runtime's rule: the checkpoint's area cap, then no side over max_image_side()
+    # the rule itself: the shape kept, no side over max_image_side()
     side = engine_runtime.max_image_side()
     assert engine_runtime.default_image_size(4096 * 4096) == (side, side)
     assert engine_runtime.default_image_size(4096 * 4096, (1600, 900)) == (round(side * 192 / 341), side)
