@@ -24,7 +24,7 @@ def test_explore_keys(tiny_checkpoints, capsys):
                                  "--episodes", "1", "--steps", "1", "--rollout", "1"])
     assert rc == 0, err
     for k in ("model_psnr", "baseline_psnr", "prev_tokens_psnr", "tokenizer_psnr", "shuffled_instruction_psnr",
-              "per_action", "rollout_psnr", "rollout_baseline_psnr"):
+              "teacher_forced_psnr", "per_action", "rollout_psnr", "rollout_baseline_psnr"):
         assert k in out, k
     (action, figures), = out["per_action"].items()
     assert set(figures) >= {"model_psnr", "baseline_psnr", "prev_tokens_psnr"}

@@ -21,7 +21,9 @@ areas or on tokenizers of different factors on the same pixels.
   frames as codes, each step's true narration) and generates the next image. `model_psnr` (the model),
   `baseline_psnr` (copy the last frame), `prev_tokens_psnr` (the last frame's decoded tokens),
   `tokenizer_psnr` (the true next frame's decoded tokens: the ceiling), `shuffled_instruction_psnr`
-  (the same history with the last narration swapped for another action's), `per_action` (those
+  (the same history with the last narration swapped for another action's), `teacher_forced_psnr` (each
+  code the model's argmax given the true codes before it, one forward pass: the gap to `model_psnr` is
+  what the model's own errors cost as generation runs on), `per_action` (those
   figures per action), `rollout_psnr` / `rollout_baseline_psnr` (an 8-step rollout fed its own frames,
   against copying the first frame).
 - manipulate (PyBullet): per subtask, teacher-forced: the subtask text is generated after the true
@@ -179,6 +181,17 @@ class Evaluator:
         raise RuntimeError("generation ended without an image")
 
     @torch.no_grad()
+    def teacher_forced(self, ids: list[int], size: tuple[int, int]) -> list[list[int]]:
+        """The model's argmax for each code of the image that ends `ids`, each given the true codes
+        before it (one forward pass: no error of its own can compound)."""
+        lo = self.vocab.visual(0)
+        self._check_room(ids, (0, 0))
+        pos = [p for p, t in enumerate(ids) if self.vocab.is_visual(t)][-size[0] * size[1]:]
+        logits = self.model(torch.tensor([ids]), score=torch.tensor(pos) - 1,
+                            vocab_range=(lo, lo + self.model.config.codebook_size))[0]
+        return logits.argmax(-1).view(size).tolist()
+
+    @torch.no_grad()
     def next_text(self, ids: list[int], size: tuple[int, int], max_tokens: int = 48) -> str:
         """The text the model writes before its next image."""
         from model.generate import ImageStarted, TextDelta, generate
@@ -244,18 +257,21 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
         for k in range(1, steps + 1):
             lo = max(0, k - context)
 
-            def record(last_narration):
+            def record(last_narration, then=()):
                 answer = []
                 for j in range(lo + 1, k):
                     answer += [fmt.text(doom.NARRATION[actions[j - 1]]), {"image": _codes(codes[j])}]
-                answer.append(fmt.text(last_narration))
+                answer += [fmt.text(last_narration), *then]
                 return fmt.record("explore", answer, "Explore this place.", [_codes(codes[lo])])
 
             a = actions[k - 1]
             pred = ev.pixels(ev.next_image(ev.prefix_ids(record(doom.NARRATION[a])), size), small[k])
             other = doom.ACTIONS[(doom.ACTIONS.index(a) + 1 + int(rng.integers(len(doom.ACTIONS) - 1))) % len(doom.ACTIONS)]
             shuf = ev.pixels(ev.next_image(ev.prefix_ids(record(doom.NARRATION[other])), size), small[k])
+            forced = record(doom.NARRATION[a], [{"image": _codes(codes[k])}])
+            tf = ev.pixels(ev.teacher_forced(ev.prefix_ids(forced), size), small[k])
             rows.append({"action": a, "model": psnr(small[k], pred), "baseline": psnr(small[k], small[k - 1]),
+                         "teacher_forced": psnr(small[k], tf),
                          "prev_tokens": psnr(small[k], ev.pixels(codes[k - 1], small[k])),
                          "tokenizer": psnr(small[k], ev.pixels(codes[k], small[k])), "shuffled": psnr(small[k], shuf)})
         # rollout: the model's own frames as history
@@ -275,7 +291,8 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
         return {"model_psnr": _mean(r["model"] for r in rs), "baseline_psnr": _mean(r["baseline"] for r in rs),
                 "prev_tokens_psnr": _mean(r["prev_tokens"] for r in rs),
                 "tokenizer_psnr": _mean(r["tokenizer"] for r in rs),
-                "shuffled_instruction_psnr": _mean(r["shuffled"] for r in rs), "num_steps": len(rs)}
+                "shuffled_instruction_psnr": _mean(r["shuffled"] for r in rs),
+                "teacher_forced_psnr": _mean(r["teacher_forced"] for r in rs), "num_steps": len(rs)}
 
     out = summary(rows)
     out["per_action"] = {a: summary([r for r in rows if r["action"] == a]) for a in doom.ACTIONS
