@@ -400,9 +400,16 @@ def to_pil(tensor: torch.Tensor):
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
 
 
+def area_grid(width: int, height: int, area: int, patch: int) -> tuple[int, int]:
+    """(rows, cols) of patches for a width x height picture scaled to about `area` px with its aspect
+    kept: each side the nearest whole number of patches, at least one."""
+    scale = math.sqrt(area / (width * height))
+    return max(1, round(height * scale / patch)), max(1, round(width * scale / patch))
+
+
 def resize_to_area(image, area: int, patch: int):
     """Bicubic resize keeping the aspect ratio so that H*W ~= `area`, each side the nearest multiple
-    of `patch` (at least one patch). Rounding moves each side by at most patch/2."""
+    of `patch` (at least one patch, area_grid). Rounding moves each side by at most patch/2."""
     from PIL import Image
 
     _check_positive_int("patch", patch)
@@ -413,10 +420,8 @@ def resize_to_area(image, area: int, patch: int):
     if width < patch or height < patch:
         raise ValueError(f"image: {width}x{height} px is smaller than one patch of {patch} px; "
                          f"upscale it before tokenizing")
-    scale = math.sqrt(area / (width * height))
-    new_w = max(1, round(width * scale / patch)) * patch
-    new_h = max(1, round(height * scale / patch)) * patch
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    rows, cols = area_grid(width, height, area, patch)
+    return image.resize((cols * patch, rows * patch), Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------- checkpoint I/O

@@ -81,8 +81,8 @@ def test_score_area_compares_models_of_different_areas_on_the_same_pixels(tiny_c
     assert figures[9216, True]["tokenizer_psnr"] == figures[9216, False]["tokenizer_psnr"]
     ev = evaluate.Evaluator(tiny_checkpoints["good"], image_area=64 * 64, score_area=96 * 96)
     frame = np.zeros((120, 160, 3), np.uint8)
-    assert ev.resize(frame).shape == (48, 80, 3) and ev.truth(frame).shape == (80, 112, 3)
-    assert ev.pixels(ev.encode(ev.resize(frame)), ev.truth(frame)).shape == (80, 112, 3)
+    assert ev.resize(frame).shape == (48, 80, 3) and ev.truth(frame, ev.resize(frame)).shape == (80, 112, 3)
+    assert ev.pixels(ev.encode(ev.resize(frame)), ev.truth(frame, ev.resize(frame))).shape == (80, 112, 3)
 
 
 @pytest.mark.parametrize("extra, message", [

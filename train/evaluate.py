@@ -110,23 +110,13 @@ class Evaluator:
 
     # pixels <-> codes
     def resize(self, frame: np.ndarray) -> np.ndarray:
-        from PIL import Image
+        return _fit(frame, self.image_area, self.patch)
 
-        from model.vision_tokenizer import resize_to_area
-
-        return np.asarray(resize_to_area(Image.fromarray(frame), self.image_area, self.patch))
-
-    def truth(self, frame: np.ndarray) -> np.ndarray:
-        """The engine frame a figure compares against: the model's own input size, or with `score_area` one
-        size for every checkpoint (sides multiples of SCORE_PATCH), so models trained at different areas or
-        tokenizer factors compare on the same pixels."""
-        from PIL import Image
-
-        from model.vision_tokenizer import resize_to_area
-
-        if self.score_area is None:
-            return self.resize(frame)
-        return np.asarray(resize_to_area(Image.fromarray(frame), self.score_area, SCORE_PATCH))
+    def truth(self, frame: np.ndarray, resized: np.ndarray) -> np.ndarray:
+        """The engine frame a figure compares against: `resized` (the model's own input, self.resize), or
+        with `score_area` one size for every checkpoint (sides multiples of SCORE_PATCH), so models trained
+        at different areas or tokenizer factors compare on the same pixels."""
+        return resized if self.score_area is None else _fit(frame, self.score_area, SCORE_PATCH)
 
     def pixels(self, codes, like: np.ndarray) -> np.ndarray:
         """Decoded codes at `like`'s size (bicubic when the sizes differ)."""
@@ -227,6 +217,14 @@ class Evaluator:
         return parts
 
 
+def _fit(frame: np.ndarray, area: int, patch: int) -> np.ndarray:
+    from PIL import Image
+
+    from model.vision_tokenizer import resize_to_area
+
+    return np.asarray(resize_to_area(Image.fromarray(frame), area, patch))
+
+
 def _codes(c) -> dict:
     return {"codes": c}
 
@@ -251,8 +249,9 @@ def explore(ev: Evaluator, world: dict | None, episodes: int, seed: int, steps: 
         rng = np.random.default_rng([seed + doom.HELDOUT_SEED_OFFSET, i])
         frames, actions = doom.episode(w, int(rng.integers(2 ** 31 - 1)), max(steps, rollout),
                                        warmup=int(rng.integers(0, 40)))
-        codes = [ev.encode(ev.resize(f)) for f in frames]
-        small = [ev.truth(f) for f in frames]
+        resized = [ev.resize(f) for f in frames]
+        codes = [ev.encode(r) for r in resized]
+        small = [ev.truth(f, r) for f, r in zip(frames, resized)]
         size = (len(codes[0]), len(codes[0][0]))
         for k in range(1, steps + 1):
             lo = max(0, k - context)
@@ -311,8 +310,9 @@ def manipulate(ev: Evaluator, episodes: int, seed: int) -> dict:
     for i in range(episodes):
         rng = np.random.default_rng([seed + panda.HELDOUT_SEED_OFFSET, i])
         ep = panda.episode(panda.TASKS[i % len(panda.TASKS)], int(rng.integers(2 ** 31 - 1)), "heldout")
-        codes = [ev.encode(ev.resize(f)) for f in ep.frames]
-        small = [ev.truth(f) for f in ep.frames]
+        resized = [ev.resize(f) for f in ep.frames]
+        codes = [ev.encode(r) for r in resized]
+        small = [ev.truth(f, r) for f, r in zip(ep.frames, resized)]
         masks = [ev.resize_mask(m, s) for m, s in zip(ep.masks, small)]
         size = (len(codes[0]), len(codes[0][0]))
         n = len(ep.subtasks)

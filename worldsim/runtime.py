@@ -96,13 +96,14 @@ class Runtime:
     def default_image_size(self, image_area: int, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
         """(rows, cols) for the task's pixel area, at most the area the checkpoint was trained on (its
         worldsim.json `image_area`, when it has one): square, or with `aspect` = an image's (width,
-        height) that image's shape, rounded as resize_to_area does (a 160x120 ViZDoom frame at 64x64 px
-        and factor 4: 14 x 18, the grid the demo was trained on). No side exceeds max_image_side()."""
+        height) that image's shape, the grid encode_image gives it (area_grid: a 160x120 ViZDoom frame at
+        64x64 px and factor 4 is 14 x 18, the grid the demo was trained on). No side exceeds
+        max_image_side()."""
+        from model.vision_tokenizer import area_grid
+
         if self.native_image_area:
             image_area = min(image_area, self.native_image_area)
-        width, height = aspect or (1, 1)
-        per_px = math.sqrt(image_area / (width * height)) / self.patch
-        rows, cols = max(1, round(height * per_px)), max(1, round(width * per_px))
+        rows, cols = area_grid(*(aspect or (1, 1)), image_area, self.patch)
         shrink = min(1.0, self.max_image_side() / max(rows, cols))
         return max(1, round(rows * shrink)), max(1, round(cols * shrink))
 
