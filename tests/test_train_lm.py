@@ -200,3 +200,36 @@ def test_raw_image_shards_are_tokenized_at_training_time(setup, tmp_path):
     entries = sft.main(_cfg(setup, "raw", sft.debug_cpu, data=(str(tmp_path / "raw.jsonl"),), image_area=32 * 48,
                             steps=2, save_every=0))
     assert all(np.isfinite(e["loss"]) for e in entries) and entries[0]["loss_visual"] > 0
+
+
+def test_scheduled_sampling_swaps_only_trained_codes_for_the_models_argmax(bpe):
+    """_own_codes: with share 1 every loss-bearing visual input becomes the model's argmax (its prediction
+    at the position before), text, weight-0 codes and anything after the clean T tokens stay; share 0
+    changes nothing."""
+    from train.lm import _own_codes
+
+    v = bpe.vocab
+    lo = v.visual_start
+    ids = torch.tensor([[v.bos, 5, v.img, lo + 1, lo + 2, lo + 3, 7, v.eos, lo + 4]])  # last: a DiDA copy slot
+    T = 8
+    target = ids[:, 1:T]
+    w = torch.tensor([[0., 0., 0., 1., 1., 1., 1.]])  # the first code (index 3) is a prompt code: weight 0
+
+    class Always9:  # predicts visual code 9 everywhere
+        def __call__(self, inputs, mask=None, positions=None):
+            logits = torch.zeros(*inputs.shape, v.size)
+            logits[..., lo + 9] = 1.0
+            return logits
+
+    out, changed = _own_codes(Always9(), ids, None, None, target, w, 1.0, v)
+    assert out.tolist() == [[v.bos, 5, v.img, lo + 1, lo + 9, lo + 9, 7, v.eos, lo + 4]] and changed == 2
+    same, changed = _own_codes(Always9(), ids, None, None, target, w, 0.0, v)
+    assert torch.equal(same, ids) and changed == 0
+
+
+def test_scheduled_sampling_trains_and_logs_its_share(setup):
+    entries = sft.main(_cfg(setup, "ss", sft.debug_cpu, scheduled_sampling=0.5))
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in entries)
+    assert all(0 < e["own_codes"] <= 0.6 for e in entries)  # about half the codes, nearly all wrong at init
+    with pytest.raises(ValueError, match="scheduled_sampling"):
+        sft.main(_cfg(setup, "ss-bad", sft.debug_cpu, scheduled_sampling=1.5))

@@ -69,6 +69,7 @@ class LMConfig:
     progress: bool = True
     dida_weight: float = 0.0  # > 0: DiDA adaptation (model/dida.py): a noisy copy of every image, its loss added
     dida_steps: int = 8  # parallel steps the adapted checkpoint decodes with by default (its config's dida_steps)
+    scheduled_sampling: float = 0.0  # > 0: this share of the loss-bearing input codes is the model's own (_own_codes)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +83,8 @@ class LMConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.dida_weight < 0 or self.dida_steps < 1:
             raise ValueError(f"dida_weight/dida_steps: need >= 0 and >= 1, got {self.dida_weight}, {self.dida_steps}")
+        if not 0 <= self.scheduled_sampling <= 1:
+            raise ValueError(f"scheduled_sampling: a share in [0, 1], got {self.scheduled_sampling}")
         if self.micro_batch_size < 0:
             raise ValueError(f"micro_batch_size: must be >= 0, got {self.micro_batch_size}")
 
@@ -206,6 +209,25 @@ def make_mask(doc_ids: torch.Tensor, attention: str, dida: dict | None = None):
     return dense_from_mask_mod(mm, B, T, T, doc_ids.device)
 
 
+def _own_codes(model, inputs, mask, positions, targets, w, share: float, vocab) -> tuple[torch.Tensor, int]:
+    """Parallel scheduled sampling (Duckworth et al., 2019): one forward without gradient over the true
+    sequence gives the model's argmax code at every position; each loss-bearing visual input code (a code
+    whose own prediction is trained, weight > 0) is swapped for it with probability `share`. The targets
+    stay the true codes, so the model learns to draw the rest of an image from a prefix holding its own
+    mistakes, as it does when it generates (greedy decoding picks exactly these argmaxes). `inputs` may
+    carry DiDA's noisy copies after the clean T tokens; only clean codes are swapped. Returns the new
+    inputs and how many codes changed."""
+    lo, hi = vocab.visual_start, vocab.size
+    T = targets.shape[1] + 1
+    with torch.no_grad():
+        guess = model(inputs, mask=mask, positions=positions)[:, :T - 1, lo:hi].argmax(-1) + lo  # (b, T-1)
+    eligible = (targets >= lo) & (targets < hi) & (w > 0)
+    swap = eligible & (torch.rand(targets.shape, device=targets.device) < share)
+    out = inputs.clone()
+    out[:, 1:T] = torch.where(swap, guess, targets)
+    return out, int((swap & (guess != targets)).sum())
+
+
 # ------------------------------------------------------------------------------------ training
 
 def train(cfg: LMConfig) -> list[dict]:
@@ -275,17 +297,22 @@ def _train(cfg: LMConfig, device, info: D.DistInfo) -> list[dict]:
             n_noisy = (dida["targets"] >= 0).sum().double().reshape(1)
             D.all_reduce_sum(n_noisy, info)
             n_noisy = max(float(n_noisy[0]), 1.0)
-        # [weighted CE sum, text CE sum, text count, visual CE sum, visual count, DiDA CE sum]
-        acc = torch.zeros(6, dtype=torch.float64, device=device)
+        # [weighted CE sum, text CE sum, text count, visual CE sum, visual count, DiDA CE sum, own codes]
+        acc = torch.zeros(7, dtype=torch.float64, device=device)
         T = batch.ids.shape[1]
         for lo in range(0, batch.ids.shape[0], micro):
             ids, w = batch.ids[lo:lo + micro], batch.weights[lo:lo + micro, 1:]
             part = {k: v[lo:lo + micro] for k, v in dida.items()} if dida else None
             mask = make_mask(part["doc_ids"] if part else batch.doc_ids[lo:lo + micro], cfg.attention, part)
-            with common.autocast(device, amp):
-                logits = model(part["ids"] if part else ids, mask=mask,
-                               positions=part["positions"] if part else batch.positions[lo:lo + micro])  # (b, T', V)
+            inputs = part["ids"] if part else ids
+            positions = part["positions"] if part else batch.positions[lo:lo + micro]
             target = ids[:, 1:]
+            with common.autocast(device, amp):
+                if cfg.scheduled_sampling > 0:
+                    inputs, changed = _own_codes(model, inputs, mask, positions, target, w, cfg.scheduled_sampling,
+                                                 tokenizer.vocab)
+                    acc[6] += changed
+                logits = model(inputs, mask=mask, positions=positions)  # (b, T', V)
             ce = F.cross_entropy(logits[:, :T - 1].float().reshape(-1, V), target.reshape(-1),
                                  reduction="none").view_as(w)  # (b, T-1)
             weighted = (ce * w).sum()
@@ -314,6 +341,8 @@ def _train(cfg: LMConfig, device, info: D.DistInfo) -> list[dict]:
             out["loss_visual"] = float(acc[3] / acc[4])
         if dida is not None:
             out["loss_dida"] = float(acc[5]) / n_noisy
+        if cfg.scheduled_sampling > 0 and acc[4] > 0:  # share of the trained visual inputs that were wrong codes
+            out["own_codes"] = round(float(acc[6] / acc[4]), 4)
         return out
 
     def save_fn(step: int) -> None:
