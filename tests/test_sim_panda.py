@@ -76,3 +76,25 @@ def test_vla_records_start_from_every_step(tmp_path):
                                   f"Finish the task with {len(ep.subtasks)} steps.")
     assert vla[1]["images"] == [{"path": "f1.png"}]
     assert vla[0]["answer"][0] == {"text": f"Current Step: {ep.subtasks[0]}"}
+
+
+def test_wide_palette_keeps_the_held_out_colours_out():
+    """The wide training palette holds 16 colours; no held-out name is in it, nor a colour near a held-out one."""
+    wide = panda.PALETTES["wide"]
+    assert len(wide) == 16 and set(panda.TRAIN_COLOURS) <= set(wide)
+    assert not set(wide) & set(panda.HELDOUT_COLOURS)
+    for name, rgb in wide.items():
+        for h, hrgb in panda.HELDOUT_COLOURS.items():
+            assert np.linalg.norm(np.subtract(rgb, hrgb)) > 0.2, (name, h)
+    ep = panda.episode("stack", 5, palette="wide")
+    assert all(ep.done) and not any(c in ep.goal for c in panda.HELDOUT_COLOURS)
+    with pytest.raises(ValueError, match="palette"):
+        panda.episode("pick", 1, palette="rainbow")
+
+
+def test_palette_is_only_for_panda_training_data(tmp_path):
+    from train.sim.generate import generate
+
+    for sim, split in (("doom", "train"), ("panda", "heldout")):
+        with pytest.raises(ValueError, match="palette"):
+            generate(sim, str(tmp_path / sim), 1, split=split, palette="wide")

@@ -2,7 +2,7 @@
 
     python -m train.sim.generate --sim doom    --out data/sim/doom    --episodes 200 --seed 0
     python -m train.sim.generate --sim doom    --out OUT --episodes 4 --wad freedoom1.wad --map E1M1 --split heldout
-    python -m train.sim.generate --sim panda   --out data/sim/panda   --episodes 200 --seed 0
+    python -m train.sim.generate --sim panda   --out data/sim/panda   --episodes 200 --seed 0 [--palette wide]
     python -m train.sim.generate --sim crafter --out data/sim/crafter --episodes 200 --seed 0
 
 Episode i uses seed `[seed, i]`-derived simulator seeds; `--split heldout` shifts every seed by the
@@ -55,7 +55,7 @@ def _doom(out, episodes, seed, split, world, steps):
     return recs, stats
 
 
-def _panda(out, episodes, seed, split):
+def _panda(out, episodes, seed, split, palette):
     from train.sim import panda
 
     offset = panda.HELDOUT_SEED_OFFSET if split == "heldout" else 0
@@ -63,7 +63,7 @@ def _panda(out, episodes, seed, split):
     for i in range(episodes):
         rng = episode_rng(seed + offset, i)
         task = panda.TASKS[i % len(panda.TASKS)]
-        ep = panda.episode(task, int(rng.integers(2 ** 31 - 1)), split)
+        ep = panda.episode(task, int(rng.integers(2 ** 31 - 1)), split, palette)
         stats["subtasks"] += len(ep.done)
         stats["subtasks_done"] += sum(ep.done)
         if not all(ep.done):
@@ -108,7 +108,7 @@ def _crafter(out, episodes, seed, split):
 
 def generate(sim: str, out: str, episodes: int, seed: int = 0, split: str = "train", scenario: str | None = None,
              wad: str | None = None, map_name: str | None = None, steps: int = 24,
-             records_per_shard: int = 500) -> dict:
+             records_per_shard: int = 500, palette: str = "train") -> dict:
     from train.data import format as fmt
 
     if sim not in SIMS:
@@ -119,6 +119,9 @@ def generate(sim: str, out: str, episodes: int, seed: int = 0, split: str = "tra
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
     if (scenario or wad or map_name) and sim != "doom":
         raise ValueError("scenario/wad/map: only for --sim doom")
+    if palette != "train" and (sim, split) != ("panda", "train"):
+        raise ValueError(f"palette: only panda training data take one (held-out data keep the held-out colours), "
+                         f"got {palette!r} for --sim {sim} --split {split}")
     if sim == "doom":
         from train.sim import doom
 
@@ -127,14 +130,15 @@ def generate(sim: str, out: str, episodes: int, seed: int = 0, split: str = "tra
             raise ValueError(f"steps: must be > 0, got {steps}")
         recs, stats = _doom(out, episodes, seed, split, world, steps)
     elif sim == "panda":
-        recs, stats = _panda(out, episodes, seed, split)
+        recs, stats = _panda(out, episodes, seed, split, palette)
     else:
         recs, stats = _crafter(out, episodes, seed, split)
     if not recs:
         raise ValueError(f"{sim}: no complete episodes were generated; try more --episodes")
-    shards = fmt.write_shards(out, recs, codebook_size=None, records_per_shard=records_per_shard,
-                              source=f"train.sim.generate --sim {sim} --split {split} --seed {seed} "
-                                     f"--episodes {episodes}", prefix=f"{sim}-{split}-{seed}")
+    source = f"train.sim.generate --sim {sim} --split {split} --seed {seed} --episodes {episodes}"
+    source += f" --palette {palette}" if palette != "train" else ""
+    shards = fmt.write_shards(out, recs, codebook_size=None, records_per_shard=records_per_shard, source=source,
+                              prefix=f"{sim}-{split}-{seed}")
     return {"sim": sim, "split": split, "seed": seed, "episodes": episodes, "records": len(recs),
             "shards": len(shards), "out": out, **stats}
 
@@ -150,13 +154,15 @@ def main(argv=None) -> int:
     p.add_argument("--wad")
     p.add_argument("--map", dest="map_name")
     p.add_argument("--steps", type=int, default=24, help="recorded steps per doom episode")
+    p.add_argument("--palette", default="train", help="panda training colours: train (4) or wide (16)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (none are needed; keep 1 beside training)")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     return common.print_summary(
-        lambda: generate(a.sim, a.out, a.episodes, a.seed, a.split, a.scenario, a.wad, a.map_name, a.steps))
+        lambda: generate(a.sim, a.out, a.episodes, a.seed, a.split, a.scenario, a.wad, a.map_name, a.steps,
+                                palette=a.palette))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ At 96x96 px (the world model's image size, 12x12 tokens at f8) a cube covers abo
 token; tests/test_sim_panda.py measures it from the segmentation mask.
 
 Splits by object set and by seed: train colours `TRAIN_COLOURS`, held out `HELDOUT_COLOURS`; held-out
-episodes use seeds offset by HELDOUT_SEED_OFFSET.
+episodes use seeds offset by HELDOUT_SEED_OFFSET. The `wide` palette (`PALETTES`) adds 12 more training
+colours, none named or coloured like a held-out one: with 4 names a model can learn each name by heart,
+with 16 it has to copy the name from the instruction into its plan, which is what a held-out name needs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ TRAIN_COLOURS = {"red": (0.85, 0.1, 0.1), "green": (0.1, 0.7, 0.15), "blue": (0.
                  "yellow": (0.95, 0.85, 0.1)}
 HELDOUT_COLOURS = {"orange": (1.0, 0.5, 0.05), "purple": (0.55, 0.15, 0.75), "cyan": (0.1, 0.85, 0.9),
                    "white": (0.95, 0.95, 0.95)}
+WIDE_COLOURS = {**TRAIN_COLOURS, "pink": (1.0, 0.55, 0.7), "brown": (0.45, 0.25, 0.1), "grey": (0.5, 0.5, 0.5),
+                "black": (0.08, 0.08, 0.08), "lime": (0.6, 0.95, 0.1), "navy": (0.05, 0.1, 0.45),
+                "olive": (0.45, 0.45, 0.1), "maroon": (0.45, 0.05, 0.1), "crimson": (0.7, 0.0, 0.25),
+                "khaki": (0.75, 0.7, 0.45), "emerald": (0.1, 0.6, 0.35), "charcoal": (0.2, 0.2, 0.22)}
+PALETTES = {"train": TRAIN_COLOURS, "wide": WIDE_COLOURS}  # training colour sets; held-out data use HELDOUT_COLOURS
 TASKS = ("pick", "place", "stack", "push")
 HELDOUT_SEED_OFFSET = 100_000
 CUBE = 0.07  # m, side
@@ -267,13 +274,16 @@ def _push_steps(w: PandaWorld, a: str, direction: str):
             (f"push the {a} to the {direction}", push)]
 
 
-def episode(task: str, seed: int, split: str = "train") -> Episode:
-    """One scripted episode of `task` with objects, colours and positions drawn from `seed`."""
+def episode(task: str, seed: int, split: str = "train", palette: str = "train") -> Episode:
+    """One scripted episode of `task` with objects, colours and positions drawn from `seed`; training
+    episodes draw their colours from PALETTES[palette], held-out ones from HELDOUT_COLOURS."""
     from train.sim.common import check_split
 
     if task not in TASKS:
         raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
-    colours = TRAIN_COLOURS if check_split(split) == "train" else HELDOUT_COLOURS
+    if palette not in PALETTES:
+        raise ValueError(f"palette: must be one of {list(PALETTES)}, got {palette!r}")
+    colours = PALETTES[palette] if check_split(split) == "train" else HELDOUT_COLOURS
     rng = np.random.default_rng([seed, TASKS.index(task)])
     w = PandaWorld(rng, colours)
     try:
