@@ -213,10 +213,11 @@ def _own_codes(model, inputs, mask, positions, targets, w, share: float, vocab) 
     """Parallel scheduled sampling (Duckworth et al., 2019): one forward without gradient over the true
     sequence gives the model's argmax code at every position; each loss-bearing visual input code (a code
     whose own prediction is trained, weight > 0) is swapped for it with probability `share`. The targets
-    stay the true codes, so the model learns to draw the rest of an image from a prefix holding its own
-    mistakes, as it does when it generates (greedy decoding picks exactly these argmaxes). `inputs` may
-    carry DiDA's noisy copies after the clean T tokens; only clean codes are swapped. Returns the new
-    inputs and how many codes changed."""
+    stay the true codes, so the model learns to draw the rest of an image from a prefix holding mistakes
+    of its own kind, as it does when it generates. Codes of every answer image are swapped, so later
+    images (and DiDA's noisy copies, which see the clean tokens before their image) also meet an imperfect
+    history. `inputs` may carry DiDA's noisy copies after the clean T tokens; only clean codes are
+    swapped. Returns the new inputs and how many codes changed."""
     lo, hi = vocab.visual_start, vocab.size
     T = targets.shape[1] + 1
     with torch.no_grad():
