@@ -216,10 +216,10 @@ def test_scheduled_sampling_swaps_only_trained_codes_for_the_models_argmax(bpe):
     w = torch.tensor([[0., 0., 0., 1., 1., 1., 1.]])  # the first code (index 3) is a prompt code: weight 0
 
     class Always9:  # predicts visual code 9 everywhere
-        def __call__(self, inputs, mask=None, positions=None):
+        def __call__(self, inputs, mask=None, positions=None, score=None, vocab_range=None):
             logits = torch.zeros(*inputs.shape, v.size)
             logits[..., lo + 9] = 1.0
-            return logits
+            return logits[:, score, vocab_range[0]:vocab_range[1]]
 
     out, changed = _own_codes(Always9(), ids, None, None, target, w, 1.0, v)
     assert out.tolist() == [[v.bos, 5, v.img, lo + 1, lo + 9, lo + 9, 7, v.eos, lo + 4]] and changed == 2

@@ -220,8 +220,9 @@ def _own_codes(model, inputs, mask, positions, targets, w, share: float, vocab) 
     swapped. Returns the new inputs and how many codes changed."""
     lo, hi = vocab.visual_start, vocab.size
     T = targets.shape[1] + 1
-    with torch.no_grad():
-        guess = model(inputs, mask=mask, positions=positions)[:, :T - 1, lo:hi].argmax(-1) + lo  # (b, T-1)
+    with torch.no_grad():  # the head only where a guess is read (not DiDA's copies) and only over the codes
+        score = torch.arange(T - 1, device=inputs.device)
+        guess = model(inputs, mask=mask, positions=positions, score=score, vocab_range=(lo, hi)).argmax(-1) + lo
     eligible = (targets >= lo) & (targets < hi) & (w > 0)
     swap = eligible & (torch.rand(targets.shape, device=targets.device) < share)
     out = inputs.clone()
