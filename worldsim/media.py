@@ -17,6 +17,20 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 _PROBE_LOCK = threading.Lock()
 
 
+def probe(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) of image bytes from the header alone, nothing decoded; Pillow's own
+    errors propagate. Pillow's bomb check is off here so that load_upload can name the size itself."""
+    from PIL import Image
+
+    with _PROBE_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format, *image.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def load_upload(data: bytes, field: str = "image"):
     """Bytes of an uploaded image -> RGB PIL image, or ValueError naming `field`."""
     from PIL import Image
@@ -26,13 +40,7 @@ def load_upload(data: bytes, field: str = "image"):
     if len(data) > MAX_UPLOAD_BYTES:
         raise ValueError(f"{field}: {len(data):,} bytes is over the limit of {MAX_UPLOAD_BYTES:,} bytes")
     try:
-        with _PROBE_LOCK:  # Pillow's own bomb check would hide the size; ours follows, before decoding
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-                    fmt, (w, h) = probe.format, probe.size
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        fmt, w, h = probe(data)
     except Exception as e:  # Pillow raises many types for unreadable data
         raise ValueError(f"{field}: not a readable image ({type(e).__name__}); allowed formats: "
                          f"{', '.join(ALLOWED_FORMATS)}") from None

@@ -251,13 +251,14 @@ class Worker:
     def _upload_shape(self, inputs: list) -> tuple[int, int] | None:
         """(width, height) of the first uploaded image among turn inputs: the views of a world started
         from a picture keep its frame."""
-        from worldsim.media import load_upload
+        from worldsim.media import probe
 
         for turn_input in inputs:
             for digest in (turn_input or {}).get("images", []):
                 row = self.store.get_image(digest)
                 if not isinstance(row["codes"], list):  # an upload (the model's own images hold their grid)
-                    return load_upload(row["png"]).size
+                    _, width, height = probe(row["png"])  # the header: stored uploads were validated
+                    return width, height
         return None
 
     def _image_ids(self, digest: str, size: tuple[int, int]) -> list[int]:
