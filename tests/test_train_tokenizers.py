@@ -80,6 +80,36 @@ def test_ibq_cosine_quantizer_trains_the_same_rule_inference_uses(tmp_path, imag
         tokenizer_ibq.main(dataclasses.replace(cfg, quantizer="nearest", out_dir=str(tmp_path / "bad")))
 
 
+def test_ibq_decoder_only_keeps_every_code_and_improves_the_pixels(tmp_path, images):
+    """Fine-tuning the decoder of a trained tokenizer: encoder, codebook and patch-in path are bit-identical
+    afterwards, so every image keeps its codes (a world model on them stays valid), while the decoder
+    changes and the reconstruction of a repeated batch improves. Without a tokenizer to start from it is
+    refused by name."""
+    from model.vision_tokenizer import load_ibq
+
+    base = _cfg(tmp_path, images, "base", steps=10, batch_size=2, lr=2e-3, min_lr=2e-3, warmup_steps=0,
+                save_every=10, disc_weight=0.0, entropy_weight=0.0, quantizer="cosine", restart_every=5)
+    tokenizer_ibq.main(base)
+    start = common.latest_checkpoint(base.out_dir)
+    cfg = _cfg(tmp_path, images, "dec", steps=40, batch_size=2, lr=1e-3, min_lr=1e-3, warmup_steps=0,
+               save_every=40, disc_weight=0.0, entropy_weight=0.0, quantizer="cosine", init_from=start,
+               decoder_only=True, repeat_first_batch=True)
+    entries = tokenizer_ibq.main(cfg)
+    rec = [e["loss_rec"] for e in entries]
+    assert max(rec[-5:]) < 0.9 * min(rec[:5]), rec
+    assert all(e["loss_quant"] == 0 and "restarted" not in e for e in entries)
+    before, after = load_ibq(start), load_ibq(common.latest_checkpoint(cfg.out_dir))
+    sb, sa = before.state_dict(), after.state_dict()
+    frozen = ("encoder.", "quant_conv.", "quantize.")
+    assert all(torch.equal(sb[k], sa[k]) for k in sb if k.startswith(frozen))
+    assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith(("decoder.", "post_quant_conv.")))
+    x = torch.stack([tokenizer_ibq.load_crop(f, 64, torch.Generator().manual_seed(i))
+                     for i, f in enumerate(tokenizer_ibq.image_files([images]))])
+    assert torch.equal(before.encode(x), after.encode(x))
+    with pytest.raises(ValueError, match="decoder_only"):
+        tokenizer_ibq.main(dataclasses.replace(cfg, init_from=None, out_dir=str(tmp_path / "bad")))
+
+
 def test_ibq_checkpoint_reloads_and_resume_continues(tmp_path, images):
     from model.vision_tokenizer import load_ibq
 

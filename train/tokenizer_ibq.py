@@ -21,6 +21,12 @@ every step, so the argmax is the cosine-nearest row: the decoder's gradient pass
 encoder outputs. The saved codebook is unit-length, so `IBQ.encode` / `decode` are unchanged. The record of
 used rows is not checkpointed: a run resumed between two restarts re-seeds slightly more rows at the next.
 
+Decoder-only fine-tuning (`decoder_only=true`, with `init_from` a trained tokenizer): the encoder, the
+codebook and the pixel-to-latent patch path are frozen, so every image keeps exactly the codes it had and
+a world model trained on them stays valid; only the path from codes to pixels (post_quant_conv, decoder,
+patch_out) learns. This is the paper's route to better pixels from the same tokens (its diffusion image
+decoder "takes the same quantized tokens as input"), here with the tokenizer's own decoder and losses.
+
 Optimizers: AdamW with SPEC §7's betas, eps and clipping; lr 1e-4 and no weight decay by default (a conv
 autoencoder with a GAN is not a transformer; the tokenizer's values are not given by the paper).
 """
@@ -64,6 +70,7 @@ class IBQTrainConfig:
     perceptual_weight: float = 1.0
     entropy_weight: float = 0.05
     quantizer: str = "index_propagation"  # or "cosine" (see the module docstring)
+    decoder_only: bool = False  # freeze encoder and codebook: codes never change (see the module docstring)
     restart_every: int = 50  # cosine: steps between dead-code restarts (0 = never)
     entropy_temperature: float = 0.01
     disc_weight: float = 0.1
@@ -149,15 +156,29 @@ class TrainForward(nn.Module):
     normalised encoder outputs (B*h*w, D) or None. The entropy is computed here so the (B, h, w, N) code
     logits never leave the module."""
 
-    def __init__(self, ibq, entropy_temperature: float, quantizer: str = "index_propagation"):
+    def __init__(self, ibq, entropy_temperature: float, quantizer: str = "index_propagation",
+                 decoder_only: bool = False):
         super().__init__()
         self.ibq = ibq
         self.entropy_temperature = entropy_temperature
         self.quantizer = quantizer
+        self.decoder_only = decoder_only
+        if decoder_only:
+            for part in self.frozen_parts():
+                part.requires_grad_(False)
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """What decoder-only training keeps fixed: everything that decides a code."""
+        parts = [self.ibq.encoder, self.ibq.quant_conv, self.ibq.quantize]
+        return parts + ([self.ibq.patch_in] if self.ibq.config.patch_shortcut else [])
 
     def forward(self, x: torch.Tensor):
-        z = self.ibq.latents(x)  # (B, D, h, w)
         q = self.ibq.quantize
+        if self.decoder_only:  # the inference rule exactly: IBQ.encode, then the codebook rows
+            codes = self.ibq.encode(x)
+            zero = x.new_zeros(())
+            return self.ibq.reconstruct(q.lookup(codes)), zero, zero, codes, None
+        z = self.ibq.latents(x)  # (B, D, h, w)
         if self.quantizer == "cosine":
             z = F.normalize(z, dim=1)
             logits = q.logits(z)  # rows are unit-length: argmax = cosine-nearest row
@@ -228,7 +249,9 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
             disc.load_state_dict(state["discriminator"])
         if cfg.quantizer not in ("index_propagation", "cosine"):
             raise ValueError(f"quantizer: must be 'index_propagation' or 'cosine', got {cfg.quantizer!r}")
-        gen = TrainForward(ibq.to(device).train(), cfg.entropy_temperature, cfg.quantizer)
+        if cfg.decoder_only and not source:
+            raise ValueError("decoder_only: needs a trained tokenizer to keep the codes of (init_from or resume)")
+        gen = TrainForward(ibq.to(device).train(), cfg.entropy_temperature, cfg.quantizer, cfg.decoder_only)
         disc.to(device).train()
         D.shard(gen, [], info)
         D.shard(disc, [], info)
@@ -252,7 +275,7 @@ def main(cfg: IBQTrainConfig) -> list[dict]:
             return []
         first = batch_for_step(files, 1, cfg, info) if cfg.repeat_first_batch else None
         keeper = None
-        if cfg.quantizer == "cosine":
+        if cfg.quantizer == "cosine" and not cfg.decoder_only:  # a frozen codebook needs no keeper
             if info.world_size > 1:
                 raise ValueError("quantizer: 'cosine' keeps its codebook on one process; run it without torchrun")
             keeper = CodebookKeeper(ibq.quantize.embedding.weight, cfg.restart_every, cfg.seed + start)
