@@ -125,6 +125,9 @@ def test_packaged_checkpoint_loads_in_fp32_at_its_training_image_size(tiny_check
     small = package(good, os.path.join(good, "vision_tokenizer"), str(tmp_path / "small"), image_area=64 * 64)
     assert evaluate.Evaluator(small["out"]).image_area == 64 * 64
     assert evaluate.Evaluator(small["out"], image_area=32 * 32).image_area == 32 * 32
+    with pytest.raises(ValueError, match="size:.*budget"):  # over budget: refused, the folder left as it was
+        package(good, os.path.join(good, "vision_tokenizer"), small["out"], max_mb=small["mb"] * 1.5)
+    assert evaluate.Evaluator(small["out"]).image_area == 64 * 64
 
 
 def test_tokenizer_eval_splits_vizdoom_by_world(tmp_path):

@@ -54,11 +54,14 @@ def package(model_dir: str, vq_dir: str, out: str, max_mb: float = 80.0, image_a
     if vq.config.codebook_size != model.config.codebook_size:
         raise ValueError(f"vision tokenizer: codebook_size {vq.config.codebook_size} does not match the model's "
                          f"{model.config.codebook_size}")
-    save_pretrained(model, out)
-    save_ibq(vq, os.path.join(out, "vision_tokenizer"))
-    with open(os.path.join(out, NATIVE_FILE), "w") as f:  # the engine's default image size
-        json.dump({"image_area": image_area}, f)
-    return check_budget(out, folder_mb(out), max_mb)
+
+    def write(folder: str) -> None:
+        save_pretrained(model, folder)
+        save_ibq(vq, os.path.join(folder, "vision_tokenizer"))
+        with open(os.path.join(folder, NATIVE_FILE), "w") as f:  # the engine's default image size
+            json.dump({"image_area": image_area}, f)
+
+    return write_within_budget(out, write, max_mb)
 
 
 def write_within_budget(out: str, write, max_mb: float) -> dict:

@@ -92,5 +92,7 @@ python -m train.dida --recipe demo_cpu --data $MIX $SD \
 # No balancing pass after DiDA: 80 steps on PyBullet + Crafter (alone, or 4x/8x beside ViZDoom) taught plans
 # and guides their own sentences but cost 3.9-4.3 dB of explore PSNR (see assets/README.md).
 echo "[pipeline] package $(date)"
-python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out "$OUT" --image-area "$AREA"
+# the 80 MB budget is for what assets/ ships; elsewhere (OUT=runs/...) the folders beside OUT are not checkpoints
+case "$OUT" in assets/*) MAX_MB=80 ;; *) MAX_MB=1e9 ;; esac
+python -m train.sim.package --model "$R/dida-sim" --vision-tokenizer "$IBQ" --out "$OUT" --image-area "$AREA" --max-mb "$MAX_MB"
 echo "[pipeline] done $(date)"
