@@ -58,7 +58,6 @@ class IBQConfig:
     dropout: float = 0.0
     norm_groups: int = 32  # GroupNorm groups on every width; the official checkpoints use 32
     patch_shortcut: bool = False  # a linear f x f patch path beside encoder and decoder (see IBQ); not official
-    decoder_extra_blocks: int = 0  # ResBlocks added to the decoder at the code grid, after its mid; not official
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "resolution",
@@ -76,9 +75,6 @@ class IBQConfig:
             for item in value:
                 _check_positive_int(name, item)
             object.__setattr__(self, name, tuple(value))  # YAML/JSON give lists; same values
-        if not (isinstance(self.decoder_extra_blocks, int) and not isinstance(self.decoder_extra_blocks, bool)
-                and self.decoder_extra_blocks >= 0):
-            raise ValueError(f"decoder_extra_blocks: must be an integer >= 0, got {self.decoder_extra_blocks!r}")
         if not self.channel_mult:
             raise ValueError("channel_mult: must hold at least one level, got ()")
         if self.resolution % self.downsample_factor:
@@ -239,9 +235,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, Z, h, w) -> (B, 3, H, W), unbounded (IBQ.decode clamps). `decoder_extra_blocks` ResBlocks (ours)
-    follow the mid at the code grid: capacity where a code's neighbours are read, added to a trained
-    tokenizer by `python -m train.sim.ibq_init --grow` without changing its output."""
+    """(B, Z, h, w) -> (B, 3, H, W), unbounded (IBQ.decode clamps)."""
 
     def __init__(self, cfg: IBQConfig):
         super().__init__()
@@ -250,9 +244,6 @@ class Decoder(nn.Module):
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = _mid(c_in, cfg.dropout, cfg.norm_groups)
-        if cfg.decoder_extra_blocks:
-            self.extra = nn.ModuleList(ResBlock(c_in, c_in, cfg.dropout, cfg.norm_groups)
-                                       for _ in range(cfg.decoder_extra_blocks))
         # Built coarsest first but stored so that up[i] mirrors down[i] (the checkpoints' numbering).
         levels: list[nn.Module] = [nn.Module() for _ in range(num_levels)]
         for i in reversed(range(num_levels)):
@@ -273,8 +264,6 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        for block in getattr(self, "extra", ()):
-            h = block(h)
         for level in reversed(self.up):
             h = _run_level(level, h)
             if hasattr(level, "upsample"):
@@ -470,7 +459,7 @@ def _config_from_ours(raw, source: str) -> IBQConfig:
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{source}: model_type must be {MODEL_TYPE!r}, got {found!r}")
     fields = [f.name for f in dataclasses.fields(IBQConfig)]
-    optional = {"norm_groups", "patch_shortcut", "decoder_extra_blocks"}  # added later; older folders have the defaults
+    optional = {"norm_groups", "patch_shortcut"}  # added later; older folders have the defaults
     for name in fields:
         if name not in raw and name not in optional:
             raise ValueError(f"{source}: missing field `{name}`")
@@ -535,11 +524,9 @@ def save_ibq(model: IBQ, path: str | os.PathLike, layout: str = "worldsim") -> N
     if layout not in ("worldsim", "official"):
         raise ValueError(f"layout: must be 'worldsim' or 'official', got {layout!r}")
     cfg = model.config
-    if layout == "official" and (cfg.norm_groups != 32 or cfg.patch_shortcut or cfg.decoder_extra_blocks):
-        # refused before writing anything
-        raise ValueError(f"layout: the official layout has no norm_groups, patch_shortcut or decoder_extra_blocks "
-                         f"field (it implies 32, none and 0), got norm_groups={cfg.norm_groups}, patch_shortcut="
-                         f"{cfg.patch_shortcut}, decoder_extra_blocks={cfg.decoder_extra_blocks}; "
+    if layout == "official" and (cfg.norm_groups != 32 or cfg.patch_shortcut):  # refused before writing anything
+        raise ValueError(f"layout: the official layout has no norm_groups or patch_shortcut field (it implies "
+                         f"32 and none), got norm_groups={cfg.norm_groups}, patch_shortcut={cfg.patch_shortcut}; "
                          f"save with layout='worldsim'")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

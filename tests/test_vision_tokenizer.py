@@ -1,8 +1,6 @@
 """IBQ image tokenizer (model/vision_tokenizer.py): shapes, quantizer rule, index propagation,
 checkpoint layouts against an independent functional forward, and the pixel helpers."""
 
-import dataclasses
-import json
 import math
 
 import numpy as np
@@ -366,33 +364,3 @@ def test_sim_ibq_init_factor_and_width():
         assert IBQ(cfg).encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4)
     with pytest.raises(ValueError, match="factor"):
         demo_small_config(factor=2)
-
-
-def test_sim_ibq_init_grow_keeps_codes_and_pictures(tmp_path):
-    """`ibq_init --grow`: the copy has more decoder blocks at the code grid, each starting as the identity,
-    so it encodes to the same codes and decodes to the same pictures; the folder round-trips (an older folder
-    without the field loads with 0), the official layout refuses it, and growing by 0 is refused by name."""
-    from train.sim import ibq_init
-
-    torch.manual_seed(0)
-    small = IBQ(ibq_init.demo_small_config(norm_groups=8, patch_shortcut=True, factor=4, base_channels=16)).eval()
-    save_ibq(small, tmp_path / "small")
-    ibq_init.main(["--grow", str(tmp_path / "small"), "--decoder-extra-blocks", "2", "--out", str(tmp_path / "big")])
-    big = load_ibq(tmp_path / "big")
-    assert big.config.decoder_extra_blocks == 2 and len(big.decoder.extra) == 2
-    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in small.parameters())
-    x = torch.rand(2, 3, 24, 32) * 2 - 1
-    codes = small.encode(x)
-    assert torch.equal(big.encode(x), codes)
-    with torch.no_grad():
-        assert torch.allclose(big.decode(codes), small.decode(codes), atol=1e-6)
-    raw = json.loads((tmp_path / "small" / "config.json").read_text())
-    assert raw.pop("decoder_extra_blocks") == 0
-    (tmp_path / "small" / "config.json").write_text(json.dumps(raw))
-    assert load_ibq(tmp_path / "small").config.decoder_extra_blocks == 0
-    with pytest.raises(ValueError, match="decoder_extra_blocks"):
-        save_ibq(big, tmp_path / "official", layout="official")
-    with pytest.raises(ValueError, match="decoder_extra_blocks"):
-        ibq_init.grow_decoder(small, 0)
-    with pytest.raises(ValueError, match="decoder_extra_blocks"):
-        dataclasses.replace(big.config, decoder_extra_blocks=-1)
