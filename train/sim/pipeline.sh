@@ -15,7 +15,6 @@ PRE_STEPS=${PRE_STEPS:-800}
 SFT_STEPS=${SFT_STEPS:-300}
 DEVICE=${DEVICE:-cpu}  # cuda on a lent GPU
 DIDA_STEPS=${DIDA_STEPS:-200}
-CRAFTER_EPISODES=${CRAFTER_EPISODES:-450}  # how-to and story episodes (the fourth to seventh sessions' demos: 150)
 OUT=${OUT:-assets/demo}  # where train.sim.package writes the shipped checkpoints
 AREA=${AREA:-4096}  # px per image in the world model's data (64x64: 14x18 codes of a ViZDoom frame)
 SEQ_LEN=${SEQ_LEN:-1792}  # the LM's packed sequence, room for a whole record (the longest, 6 images: 1,765 tokens)
@@ -27,7 +26,7 @@ gen() {  # gen NAME ARGS...: one generator run, skipped when its summary exists
 }
 mkdir -p "$D"
 echo "[pipeline] data $(date)"
-( gen crafter-train --sim crafter --episodes "$CRAFTER_EPISODES" --seed 0 ) &
+( gen crafter-train --sim crafter --episodes 150 --seed 0 ) &
 gen doom-train --sim doom --episodes 240 --seed 0
 gen panda-train --sim panda --episodes 240 --seed 0
 wait
@@ -60,11 +59,9 @@ C=$R/simcodes  # the training shards with code grids: the LM stages then never r
 for s in doom-train panda-train crafter-train; do
   [ -d "$C/$s" ] || python -m train.data.pretokenize --vision-tokenizer "$IBQ" --image-area "$AREA" --data "$D/$s" --out "$C/$s"
 done
-# The LM mix: ViZDoom has ~10k records, PyBullet ~1.4k and Crafter ~1.7k (450 episodes), so PyBullet is listed
-# 3x and Crafter 2x (train/data/pack.py interleaves shards in proportion to their records, a shard listed twice
-# counting twice). With 150 Crafter episodes listed 3x the how-to records were 1.8% of the mix (about 24
-# sightings of each target's plan in a run) and the model gave the wood pickaxe's plan for every tool.
-MIX="$C/doom-train $C/panda-train $C/panda-train $C/panda-train $C/crafter-train $C/crafter-train"
+# The LM mix: ViZDoom has ~10k records, PyBullet ~1.4k and Crafter fewer, so the small two are listed 3x
+# (train/data/pack.py interleaves shards in proportion to their records, a shard listed twice counting twice).
+MIX="$C/doom-train $C/panda-train $C/panda-train $C/panda-train $C/crafter-train $C/crafter-train $C/crafter-train"
 echo "[pipeline] pretrain $(date)"
 python -m train.pretrain --recipe demo_cpu --data $MIX \
   --tokenizer "$R/tok-sim" --out "$R/pretrain-sim" --steps "$PRE_STEPS" --device "$DEVICE" \
