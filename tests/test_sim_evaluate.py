@@ -40,12 +40,38 @@ def test_manipulate_keys_with_dida(tiny_checkpoints, capsys):
     assert out["num_subtasks"] == 3 and out["subtask_exact_match"] == 0.0
 
 
+def test_text_mistakes_match_a_prefix_by_prefix_reference(tiny_checkpoints):
+    """The one-pass teacher-forced text check equals re-running the model on each prefix of the answer."""
+    import torch
+
+    from train.data import format as fmt
+
+    ev = evaluate.Evaluator(tiny_checkpoints["good"])
+    rec = fmt.record("howto", [fmt.text("Step 1: Collect 2 wood."), {"image": {"codes": [[1, 2, 3], [4, 5, 6]]}},
+                               fmt.text("Step 2: Place a table."), {"image": {"codes": [[7, 8, 9], [1, 2, 3]]}}],
+                     "How to build a crafting table")
+    enc = fmt.encode_record(rec, ev.tok, mode="sft", visual_weight=1.0)
+    ref = []
+    with torch.no_grad():
+        for p in range(*enc.answer_span):
+            if not ev.vocab.is_visual(enc.ids[p]):
+                q = int(ev.model(torch.tensor([enc.ids[:p]]))[0, -1].argmax())
+                if q != enc.ids[p]:
+                    ref.append((ev.tok.decode([enc.ids[p]]), ev.tok.decode([q])))
+    got = ev.text_mistakes(rec)
+    assert got == ref
+    assert got  # random weights get the answer wrong
+
+
 @pytest.mark.slow
 def test_guide_and_story_keys(tiny_checkpoints, capsys):
     rc, out, err = _run(capsys, ["--task", "guide", "--checkpoint", tiny_checkpoints["good"], "--episodes", "1",
                                  "--sampler", "dida", "--dida-steps", "2"])
     assert rc == 0, err
     assert 0.0 <= out["valid_fraction"] <= 1.0
+    assert set(out["teacher_forced"]) == {"wood pickaxe", "wood sword", "stone pickaxe", "table"}
+    assert out["teacher_forced_valid"] == 0.0  # random weights reproduce no plan
+    assert all(f["first_mistake"] for f in out["teacher_forced"].values())
     rc, out, err = _run(capsys, ["--task", "story", "--checkpoint", tiny_checkpoints["good"], "--episodes", "1",
                                  "--sampler", "dida", "--dida-steps", "2"])
     assert rc == 0, err

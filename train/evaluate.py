@@ -33,6 +33,9 @@ areas or on tokenizers of different factors on the same pixels.
   mask (`model_object_psnr`, `baseline_object_psnr`).
 - guide (Crafter): the model answers "How to make X" for each target; `valid_fraction` = share of
   generated step lists valid in Crafter's tech tree that end by making X (train/sim/craft.valid_steps).
+  `teacher_forced_valid`: the share of targets whose scripted answer in a held-out world the model
+  reproduces token for token when given the true keyframes and the text before each token (every step
+  and the stop: what it knows, apart from what its own images cost); `teacher_forced` per target.
 - story (Crafter): the model tells the story of a held-out episode from its first frame; beats are
   compared with the episode's events: `event_recall` (true events told), `beat_precision` (told beats
   that happened), `agreement` (their F1), `valid_beat_fraction` (beats that are known event sentences).
@@ -180,6 +183,19 @@ class Evaluator:
         logits = self.model(torch.tensor([ids]), score=torch.tensor(pos) - 1,
                             vocab_range=(lo, lo + self.model.config.codebook_size))[0]
         return logits.argmax(-1).view(size).tolist()
+
+    @torch.no_grad()
+    def text_mistakes(self, rec: dict) -> list[tuple[str, str]]:
+        """Teacher-forced text of `rec`'s answer (codes images): for every answer token that is not a
+        visual code (image headers and the closing <extra_101><EOS> included), the model's argmax given
+        the true tokens before it, in one forward pass. Returns (expected, argmax) for each wrong one."""
+        from train.data.format import encode_record
+
+        enc = encode_record(rec, self.tok, mode="sft", visual_weight=1.0)
+        self._check_room(enc.ids, (0, 0))
+        pos = [p for p in range(1, len(enc.ids)) if enc.weights[p] > 0 and not self.vocab.is_visual(enc.ids[p])]
+        pred = self.model(torch.tensor([enc.ids]), score=torch.tensor(pos) - 1)[0].argmax(-1).tolist()
+        return [(self.tok.decode([enc.ids[p]]), self.tok.decode([q])) for p, q in zip(pos, pred) if q != enc.ids[p]]
 
     @torch.no_grad()
     def next_text(self, ids: list[int], size: tuple[int, int], max_tokens: int = 48) -> str:
@@ -356,7 +372,29 @@ def guide(ev: Evaluator, episodes: int, seed: int) -> dict:
         valid.append(ok)
         if len(examples) < 4:
             examples.append({"target": target, "steps": steps, "valid": ok})
-    return {"valid_fraction": round(float(np.mean(valid)), 3), "num_lists": len(valid), "examples": examples}
+    # the same questions teacher-forced: each target's scripted walk in a held-out world, its true keyframes
+    # given; a target counts when every answer text token (the stop included) is the model's argmax
+    forced = {}
+    for j, target in enumerate(targets):
+        walk = _complete_walk(target, seed + craft.HELDOUT_SEED_OFFSET + 1000 * j)
+        answer = [seg for s, frame in zip(walk.steps, walk.frames[1:])
+                  for seg in (fmt.text(s), {"image": _codes(ev.encode(ev.resize(frame)))})]
+        wrong = ev.text_mistakes(fmt.record("howto", answer, craft.QUESTIONS[target]))
+        forced[target] = {"exact": not wrong, "first_mistake": wrong[0] if wrong else None}
+    return {"valid_fraction": round(float(np.mean(valid)), 3), "num_lists": len(valid), "examples": examples,
+            "teacher_forced_valid": round(float(np.mean([f["exact"] for f in forced.values()])), 3),
+            "teacher_forced": forced}
+
+
+def _complete_walk(target: str, seed: int, tries: int = 20):
+    """The first of seeds seed, seed + 1, ... whose scripted walk completes every step of the plan."""
+    from train.sim import craft
+
+    for k in range(tries):
+        walk = craft.howto(target, seed + k)
+        if all(walk.done) and len(walk.steps) == len(craft.PLANS[target]):
+            return walk
+    raise RuntimeError(f"guide: no scripted walk to {target!r} completed in seeds {seed}..{seed + tries - 1}")
 
 
 def story(ev: Evaluator, episodes: int, seed: int) -> dict:
