@@ -68,8 +68,26 @@ def test_cli_writes_a_deterministic_shard(tiny_checkpoints, tmp_path, capsys):
         assert rec["answer"][0]["text"].startswith("Current Step: pick")
 
 
+def test_tasks_keeps_only_those_records(tiny_checkpoints, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(tmp_path / "frame.png")
+    im = fmt.image_path(str(tmp_path / "frame.png"))
+    recs = [fmt.record("howto", [fmt.text("Step 1: Collect 2 wood."), im], "How to build a crafting table"),
+            fmt.record("t2i", [im], "A top-down view of a Crafter world."),
+            fmt.record("howto", [fmt.text("Step 1: Collect 3 wood."), im, fmt.text("Step 2: Place a table."), im],
+                       "How to make a wood pickaxe")]
+    fmt.write_shard(str(tmp_path / "data" / "a.jsonl"), recs, codebook_size=None)
+    summary = sd.main(["--checkpoint", tiny_checkpoints["good"], "--data", str(tmp_path / "data"), "--records", "9",
+                       "--tasks", "howto", "--image-area", "1024", "--out", str(tmp_path / "o"), "--threads", "1"])
+    got = list(fmt.read_shard(str(tmp_path / "o" / "shard-00000.jsonl")))
+    assert [r["question"] for r in got] == ["How to build a crafting table", "How to make a wood pickaxe"]
+    assert summary["images"] == 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--records", "0"], "--records: must be a positive integer"),
+    (["--tasks", "dance"], r"--tasks: unknown \['dance'\]; allowed: "),
     (["--checkpoint", "/nope"], "checkpoint: /nope is not a folder"),
 ])
 def test_cli_errors(tiny_checkpoints, tmp_path, argv, message):

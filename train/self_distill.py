@@ -14,7 +14,8 @@ exact codes (no re-encoding).
 Decoding is greedy by default (`--temperature 0`, no guidance): the DiDA student then learns the AR
 model's most likely image, the one `train.evaluate` scores. `--records` is per `--data` argument
 (records drawn at random with `--seed`, the same every run); `--max-images` caps the answer images
-per record by dropping whole follow-up turns (a first answer is always kept whole).
+per record by dropping whole follow-up turns (a first answer is always kept whole); `--tasks` keeps only
+records of those tasks (`--tasks howto`: the guide stage of train/sim/pipeline.sh).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-images", type=int, default=4, help="answer images per record at most")
     p.add_argument("--image-area", type=int, default=96 * 96, help="px area path images are tokenized at "
                                                                    "(the trainers' image_area)")
+    p.add_argument("--tasks", nargs="+", default=None, help="only records of these tasks (train/data/format.py "
+                                                             "TASKS, e.g. howto); default: every task")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -88,10 +91,13 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be a positive integer, got {getattr(a, name)}")
     import torch
 
-    from train.data.format import map_images, read_shard, shard_paths, write_shards
+    from train.data.format import TASKS, map_images, read_shard, shard_paths, write_shards
     from train.data.vision import image_codes
     from train.evaluate import Evaluator
 
+    unknown = sorted(set(a.tasks or ()) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"error: --tasks: unknown {unknown}; allowed: {sorted(TASKS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -112,7 +118,7 @@ def main(argv=None) -> dict:
     out, drawn, t0 = [], 0, time.time()
     for d, paths in zip(a.data, sources):
         recs = [rec for path in paths for rec in read_shard(path)  # image paths come back absolute
-                if rec["task"] != "interleaved" and answer_images(rec)]
+                if rec["task"] != "interleaved" and answer_images(rec) and (a.tasks is None or rec["task"] in a.tasks)]
         pick = rng.permutation(len(recs))[:a.records]
         for n, i in enumerate(sorted(pick.tolist()), start=1):
             rec = map_images(cap_images(recs[i], a.max_images), codes_of)
