@@ -51,10 +51,13 @@ def test_text_mistakes_match_a_prefix_by_prefix_reference(tiny_checkpoints):
                                fmt.text("Step 2: Place a table."), {"image": {"codes": [[7, 8, 9], [1, 2, 3]]}}],
                      "How to build a crafting table")
     enc = fmt.encode_record(rec, ev.tok, mode="sft", visual_weight=1.0)
+    boi = [p for p, t in enumerate(enc.ids) if t == ev.vocab.boi]
+    eoi = [p for p, t in enumerate(enc.ids) if t == ev.vocab.eoi]
+    assert len(boi) == len(eoi) == 2
     ref = []
     with torch.no_grad():
         for p in range(*enc.answer_span):
-            if not ev.vocab.is_visual(enc.ids[p]):
+            if not any(b < p <= e for b, e in zip(boi, eoi)):  # an image's layout is forced, its BOI is chosen
                 q = int(ev.model(torch.tensor([enc.ids[:p]]))[0, -1].argmax())
                 if q != enc.ids[p]:
                     ref.append((ev.tok.decode([enc.ids[p]]), ev.tok.decode([q])))

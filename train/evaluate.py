@@ -34,8 +34,8 @@ areas or on tokenizers of different factors on the same pixels.
 - guide (Crafter): the model answers "How to make X" for each target; `valid_fraction` = share of
   generated step lists valid in Crafter's tech tree that end by making X (train/sim/craft.valid_steps).
   `teacher_forced_valid`: the share of targets whose scripted answer in a held-out world the model
-  reproduces token for token when given the true keyframes and the text before each token (every step
-  and the stop: what it knows, apart from what its own images cost); `teacher_forced` per target.
+  reproduces token for token (text, image starts, the stop) when given the true keyframes and the text
+  before each token: what it knows, apart from what its own images cost; `teacher_forced` per target.
 - story (Crafter): the model tells the story of a held-out episode from its first frame; beats are
   compared with the episode's events: `event_recall` (true events told), `beat_precision` (told beats
   that happened), `agreement` (their F1), `valid_beat_fraction` (beats that are known event sentences).
@@ -186,14 +186,19 @@ class Evaluator:
 
     @torch.no_grad()
     def text_mistakes(self, rec: dict) -> list[tuple[str, str]]:
-        """Teacher-forced text of `rec`'s answer (codes images): for every answer token that is not a
-        visual code (image headers and the closing <extra_101><EOS> included), the model's argmax given
-        the true tokens before it, in one forward pass. Returns (expected, argmax) for each wrong one."""
+        """Teacher-forced text of `rec`'s answer (codes images): for every answer token outside its images
+        (the text, each image's BOI, the closing <extra_101><EOS>), the model's argmax given the true tokens
+        before it, in one forward pass. An image's header, codes, row ends and EOI are left out: generation
+        forces its layout. Returns (expected, argmax) for each wrong one."""
         from train.data.format import encode_record
 
         enc = encode_record(rec, self.tok, mode="sft", visual_weight=1.0)
         self._check_room(enc.ids, (0, 0))
-        pos = [p for p in range(1, len(enc.ids)) if enc.weights[p] > 0 and not self.vocab.is_visual(enc.ids[p])]
+        pos, inside = [], False
+        for p in range(enc.answer_span[0], len(enc.ids)):
+            if not inside:
+                pos.append(p)
+            inside = (inside or enc.ids[p] == self.vocab.boi) and enc.ids[p] != self.vocab.eoi
         pred = self.model(torch.tensor([enc.ids]), score=torch.tensor(pos) - 1)[0].argmax(-1).tolist()
         return [(self.tok.decode([enc.ids[p]]), self.tok.decode([q])) for p, q in zip(pos, pred) if q != enc.ids[p]]
 
@@ -373,7 +378,7 @@ def guide(ev: Evaluator, episodes: int, seed: int) -> dict:
         if len(examples) < 4:
             examples.append({"target": target, "steps": steps, "valid": ok})
     # the same questions teacher-forced: each target's scripted walk in a held-out world, its true keyframes
-    # given; a target counts when every answer text token (the stop included) is the model's argmax
+    # given; a target counts when every token it chooses (text, image starts, the stop) is the model's argmax
     forced = {}
     for j, target in enumerate(targets):
         walk = _complete_walk(target, seed + craft.HELDOUT_SEED_OFFSET + 1000 * j)
