@@ -15,7 +15,7 @@ Decoding is greedy by default (`--temperature 0`, no guidance): the DiDA student
 model's most likely image, the one `train.evaluate` scores. `--records` is per `--data` argument
 (records drawn at random with `--seed`, the same every run); `--max-images` caps the answer images
 per record by dropping whole follow-up turns (a first answer is always kept whole); `--tasks` keeps only
-records of those tasks (`--tasks howto`: the guide stage of train/sim/pipeline.sh).
+records of those tasks (`--tasks howto`: a model's own keyframes for its how-to answers, assets/README.md).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
     out, drawn, t0 = [], 0, time.time()
     for d, paths in zip(a.data, sources):
         recs = [rec for path in paths for rec in read_shard(path)  # image paths come back absolute
-                if rec["task"] != "interleaved" and answer_images(rec) and (a.tasks is None or rec["task"] in a.tasks)]
+                if rec["task"] != "interleaved" and answer_images(rec)
+                and (a.tasks is None or rec["task"] in a.tasks)]
         pick = rng.permutation(len(recs))[:a.records]
         for n, i in enumerate(sorted(pick.tolist()), start=1):
             rec = map_images(cap_images(recs[i], a.max_images), codes_of)
