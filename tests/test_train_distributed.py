@@ -50,6 +50,22 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, bpe):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
+def _ibq_one_and_two(tmp_path, flags):
+    """2 steps of train.tokenizer_ibq on tmp_path/img with `flags`, in one process (out: tmp_path/one) and
+    under torchrun with two (tmp_path/two): the log entries of each."""
+    def run(launcher, out):
+        args = [*launcher, "-m", "train.tokenizer_ibq", "--images", str(tmp_path / "img"), "--out", out,
+                "--steps", "2", *flags]
+        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+    return (run([sys.executable], str(tmp_path / "one")),
+            run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                str(tmp_path / "two")))
+
+
 def test_two_process_ibq_tokenizer_trains_and_matches_at_step_one(tmp_path):
     """The IBQ trainer under torchrun (FSDP2, gloo): at step 1 (same weights, same global batch) every
     per-image loss equals the 1-process value; the entropy loss is a batch-level statistic (codebook
@@ -66,17 +82,7 @@ def test_two_process_ibq_tokenizer_trains_and_matches_at_step_one(tmp_path):
         a = np.full((64, 80, 3), rng.integers(0, 255, 3), np.uint8)
         Image.fromarray(a).save(tmp_path / "img" / f"{i}.png")
 
-    def run(launcher, out):
-        args = [*launcher, "-m", "train.tokenizer_ibq", "--images", str(tmp_path / "img"), "--out", out,
-                "--steps", "2", "--set", "batch_size=4", "disc_start=0", "save_every=2", "progress=false"]
-        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-
-    one = run([sys.executable], str(tmp_path / "one"))
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-              str(tmp_path / "two"))
+    one, two = _ibq_one_and_two(tmp_path, ["--set", "batch_size=4", "disc_start=0", "save_every=2", "progress=false"])
     for k in ("loss_rec", "loss_quant", "loss_perceptual", "loss_g_adv", "loss_disc"):
         assert two[0][k] == pytest.approx(one[0][k], rel=1e-4), k
     assert all(np.isfinite(e["loss"]) for e in two)
@@ -103,18 +109,9 @@ def test_two_process_ibq_decoder_only_keeps_the_frozen_parts(tmp_path):
     torch.manual_seed(0)
     save_ibq(IBQ(ibq_preset("debug")), str(tmp_path / "start"))
 
-    def run(launcher, out):
-        args = [*launcher, "-m", "train.tokenizer_ibq", "--images", str(tmp_path / "img"), "--out", out,
-                "--init-from", str(tmp_path / "start"), "--steps", "2", "--set", "batch_size=4", "disc_weight=0.0",
-                "entropy_weight=0.0", "quantizer=cosine", "decoder_only=true", "save_every=2", "progress=false"]
-        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-
-    one = run([sys.executable], str(tmp_path / "one"))
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-              str(tmp_path / "two"))
+    one, two = _ibq_one_and_two(tmp_path, ["--init-from", str(tmp_path / "start"), "--set", "batch_size=4",
+                                           "disc_weight=0.0", "entropy_weight=0.0", "quantizer=cosine",
+                                           "decoder_only=true", "save_every=2", "progress=false"])
     for k in ("loss", "loss_rec", "loss_perceptual"):
         assert two[0][k] == pytest.approx(one[0][k], rel=1e-4), k
     sb = load_ibq(str(tmp_path / "start")).state_dict()
