@@ -381,25 +381,13 @@ def guide(ev: Evaluator, episodes: int, seed: int) -> dict:
     # given; a target counts when every token it chooses (text, image starts, the stop) is the model's argmax
     forced = {}
     for j, target in enumerate(targets):
-        walk = _complete_walk(target, seed + craft.HELDOUT_SEED_OFFSET + 1000 * j)
-        answer = [seg for s, frame in zip(walk.steps, walk.frames[1:])
-                  for seg in (fmt.text(s), {"image": _codes(ev.encode(ev.resize(frame)))})]
-        wrong = ev.text_mistakes(fmt.record("howto", answer, craft.QUESTIONS[target]))
+        walk = craft.first_complete_howto(target, seed + craft.HELDOUT_SEED_OFFSET + 1000 * j)
+        keyframes = [_codes(ev.encode(ev.resize(f))) for f in walk.frames[1:]]
+        wrong = ev.text_mistakes(fmt.record("howto", craft.answer(walk.steps, keyframes), craft.QUESTIONS[target]))
         forced[target] = {"exact": not wrong, "first_mistake": wrong[0] if wrong else None}
     return {"valid_fraction": round(float(np.mean(valid)), 3), "num_lists": len(valid), "examples": examples,
             "teacher_forced_valid": round(float(np.mean([f["exact"] for f in forced.values()])), 3),
             "teacher_forced": forced}
-
-
-def _complete_walk(target: str, seed: int, tries: int = 20):
-    """The first of seeds seed, seed + 1, ... whose scripted walk completes every step of the plan."""
-    from train.sim import craft
-
-    for k in range(tries):
-        walk = craft.howto(target, seed + k)
-        if all(walk.done) and len(walk.steps) == len(craft.PLANS[target]):
-            return walk
-    raise RuntimeError(f"guide: no scripted walk to {target!r} completed in seeds {seed}..{seed + tries - 1}")
 
 
 def story(ev: Evaluator, episodes: int, seed: int) -> dict:

@@ -273,11 +273,31 @@ def story(seed: int, max_beats: int = 5) -> Walk:
     return Walk(beats, frames, done, ag.frames_seen[:: max(1, len(ag.frames_seen) // 6)])
 
 
+def completes(walk: Walk, target: str) -> bool:
+    """True when the scripted walk carried out every step of PLANS[target]."""
+    return all(walk.done) and len(walk.done) == len(PLANS[target])
+
+
+def first_complete_howto(target: str, seed: int, tries: int = 20) -> Walk:
+    """The walk of the first of seeds seed, seed + 1, ... that completes PLANS[target]."""
+    for k in range(tries):
+        walk = howto(target, seed + k)
+        if completes(walk, target):
+            return walk
+    raise RuntimeError(f"howto: no scripted walk to {target!r} completed in seeds {seed}..{seed + tries - 1}")
+
+
+def answer(steps: list[str], images: list[dict]) -> list[dict]:
+    """An interleaved answer: each step's sentence, then its keyframe (an IMAGE dict: path or codes)."""
+    from train.data import format as fmt
+
+    return [seg for s, im in zip(steps, images) for seg in (fmt.text(s), {"image": im})]
+
+
 def howto_records(target: str, walk: Walk, rel: list[str]) -> list[dict]:
     from train.data import format as fmt
 
-    answer = [seg for i, s in enumerate(walk.steps) for seg in (fmt.text(s), {"image": {"path": rel[i + 1]}})]
-    out = [fmt.record("howto", answer, QUESTIONS[target])]
+    out = [fmt.record("howto", answer(walk.steps, [{"path": r} for r in rel[1:]]), QUESTIONS[target])]
     for i, s in enumerate(walk.steps):  # x2i: the world before the step + the step -> after it
         out.append(fmt.record("x2i", [{"image": {"path": rel[i + 1]}}], s.split(": ", 1)[1], [{"path": rel[i]}]))
     out.append(fmt.record("t2i", [{"image": {"path": rel[0]}}], "A top-down view of a Crafter world."))
@@ -290,5 +310,5 @@ STORY_PROMPT = "Tell the story of the player's day in this Crafter world."
 def story_records(walk: Walk, rel: list[str]) -> list[dict]:
     from train.data import format as fmt
 
-    answer = [seg for i, s in enumerate(walk.steps) for seg in (fmt.text(s), {"image": {"path": rel[i + 1]}})]
-    return [fmt.record("story", answer, STORY_PROMPT, [{"path": rel[0]}])] if answer else []
+    beats = answer(walk.steps, [{"path": r} for r in rel[1:]])
+    return [fmt.record("story", beats, STORY_PROMPT, [{"path": rel[0]}])] if beats else []

@@ -95,7 +95,7 @@ def _crafter(out, episodes, seed, split):
         else:
             target = targets[int(rng.integers(len(targets)))]
             walk = craft.howto(target, world_seed)
-            if not all(walk.done) or len(walk.done) != len(craft.PLANS[target]):
+            if not craft.completes(walk, target):
                 continue
             rel = [write(f) for f in walk.frames]
             recs += craft.howto_records(target, walk, rel)
